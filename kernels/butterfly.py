@@ -1,0 +1,236 @@
+"""Butterfly modules: a drop-in for nn.Linear, and the paper's BP / BPP / BPBP stacks.
+
+Twiddle layout: see kernels/reference.py. Complex twiddles are stored as real parameters with
+a trailing dimension of 2 (real, imaginary) so that every torch optimiser, L-BFGS included,
+sees real numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kernels.multiply import butterfly_multiply
+from kernels.permutation import Permutation, permute_columns, permute_level_transpose
+from kernels.reference import log2_exact
+
+INITS = ("randn", "ortho")
+MODELS = {"bp": (1, False), "bpp": (1, True), "bpbp": (2, False)}  # (BP blocks, extra perm)
+FACTORS_FORMAT = "butterfly-suite/factors/v1"
+
+
+def _random_unitary_2x2(count: int, complex_: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """count Haar-random 2x2 orthogonal (real) or unitary (complex) matrices."""
+    shape = (count, 2, 2)
+    a = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    if complex_:
+        a = torch.complex(a, torch.randn(*shape, generator=generator, dtype=torch.float64))
+    q, r = torch.linalg.qr(a)
+    d = torch.diagonal(r, dim1=-2, dim2=-1)
+    return q * (d / d.abs()).unsqueeze(-2)  # fix the phase so Q is Haar distributed
+
+
+def init_twiddle(
+    shape: tuple[int, ...], complex_: bool, init: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Twiddle of `shape` (..., 2, 2) as a real tensor (with a trailing 2 when complex).
+
+    randn: i.i.d. N(0, 1) scaled 1/sqrt(2) (real) or 1/2 per part (complex), the paper's init.
+    ortho: each 2x2 a Haar-random orthogonal / unitary matrix.
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if init == "randn":
+        if complex_:
+            return torch.randn(*shape, 2, generator=generator) / 2
+        return torch.randn(*shape, generator=generator) / math.sqrt(2)
+    count = math.prod(shape[:-2])
+    u = _random_unitary_2x2(count, complex_, generator).reshape(shape)
+    return (torch.view_as_real(u) if complex_ else u).float()
+
+
+class Butterfly(nn.Module):
+    """y = B x + bias with B a product of `nblocks` butterflies; a drop-in for nn.Linear.
+
+    x: (..., in_features) -> y: (..., out_features). Sizes are zero-padded to n, the next power
+    of two of max(in, out); the output keeps the first out_features entries. A complex layer
+    returns a complex tensor.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        complex: bool = False,
+        tied: bool = False,
+        nblocks: int = 1,
+        increasing_stride: bool = True,
+        init: str = "randn",
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if in_features < 1 or out_features < 1 or nblocks < 1:
+            raise ValueError("in_features, out_features and nblocks must be >= 1")
+        self.in_features, self.out_features = in_features, out_features
+        self.n = 1 << max(0, (max(in_features, out_features) - 1).bit_length())
+        self.complex, self.tied, self.nblocks = complex, tied, nblocks
+        self.increasing_stride = increasing_stride
+        m = log2_exact(self.n)
+        shape = (nblocks, self.n - 1, 2, 2) if tied else (nblocks, m, self.n // 2, 2, 2)
+        if self.n == 1:  # a 1x1 "butterfly" is a scalar: keep one 2x2 slot, use its [0, 0]
+            shape = (nblocks, 1, 2, 2) if tied else (nblocks, 1, 1, 2, 2)
+        self.twiddle = nn.Parameter(init_twiddle(shape, complex, init, generator))
+        self.bias = None
+        if bias:
+            bound = 1 / math.sqrt(in_features)
+            b = torch.empty(out_features, 2 if complex else 1).uniform_(-bound, bound, generator=generator)
+            self.bias = nn.Parameter(b if complex else b.squeeze(-1))
+
+    def twiddle_tensor(self) -> torch.Tensor:
+        """The twiddle as a real or complex tensor in the layout of kernels/reference.py."""
+        return torch.view_as_complex(self.twiddle) if self.complex else self.twiddle
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got {x.shape[-1]}")
+        if self.n == 1:
+            y = x * self.twiddle_tensor()[..., 0, 0].prod()
+        else:
+            if self.in_features < self.n:
+                x = nn.functional.pad(x, (0, self.n - self.in_features))
+            y = butterfly_multiply(self.twiddle_tensor(), x, self.increasing_stride)
+        y = y[:, : self.out_features]
+        if self.bias is not None:
+            y = y + (torch.view_as_complex(self.bias) if self.complex else self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, n={self.n}, "
+            f"complex={self.complex}, tied={self.tied}, nblocks={self.nblocks}"
+        )
+
+
+def tied_bp_matrix(twiddle: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+    """The n x n matrix of B P for a tied twiddle (n-1, 2, 2), in O(n^2).
+
+    Uses M_k = BF_k (I_2 (x) M_{k/2}) Q_k (PAPER.md section 7) with M_2 = BF_2; probs (levels
+    or 1, 3) are the relaxed permutation's, or None for P = I.
+    """
+    n = twiddle.shape[0] + 1
+    m = log2_exact(n)
+    mat = twiddle[0]  # BF_2
+    for level in range(1, m):
+        s = 1 << level  # the new factor has size k = 2s
+        t = twiddle[s - 1 : 2 * s - 1]  # (s, 2, 2): D1..D4 as t[:, 0, 0], t[:, 0, 1], ...
+        top = torch.cat([t[:, 0, 0, None] * mat, t[:, 0, 1, None] * mat], dim=1)
+        bot = torch.cat([t[:, 1, 0, None] * mat, t[:, 1, 1, None] * mat], dim=1)
+        mat = torch.cat([top, bot], dim=0)
+        if probs is not None:
+            p = probs[(m - level - 1) if probs.shape[0] > 1 else 0]  # level index of size 2s
+            mat = permute_level_transpose(mat, p.to(mat.real.dtype), 2 * s)
+    return mat
+
+
+class ButterflyStack(nn.Module):
+    """The paper's learned models on n x n: bp = B P, bpp = B P P', bpbp = B2 P2 B1 P1.
+
+    forward: x (batch, n) -> (batch, n) computing y = M x row by row. With real_output the
+    complex result's real part is returned (how the paper fits real targets).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        model: str = "bp",
+        complex: bool = True,
+        tied: bool = True,
+        share_logits: bool = True,
+        init: str = "randn",
+        real_output: bool = False,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if model not in MODELS:
+            raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
+        log2_exact(n)
+        if n < 4:
+            raise ValueError(f"learned butterfly models need n >= 4, got {n}")
+        self.config: dict[str, Any] = dict(
+            n=n, model=model, complex=complex, tied=tied, share_logits=share_logits,
+            init=init, real_output=real_output,
+        )
+        blocks, extra = MODELS[model]
+        self.n, self.real_output = n, real_output
+        self.extra_perm = Permutation(n, share_logits, generator) if extra else None
+        self.perms = nn.ModuleList(Permutation(n, share_logits, generator) for _ in range(blocks))
+        self.butterflies = nn.ModuleList(
+            Butterfly(n, n, bias=False, complex=complex, tied=tied, init=init, generator=generator)
+            for _ in range(blocks)
+        )
+
+    def permutations(self) -> list[Permutation]:
+        return ([self.extra_perm] if self.extra_perm is not None else []) + list(self.perms)
+
+    def round_permutations_(self) -> ButterflyStack:
+        for p in self.permutations():
+            p.round_()
+        return self
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        return y.real if (self.real_output and y.is_complex()) else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.extra_perm is not None:
+            x = self.extra_perm(x)
+        for perm, bfly in zip(self.perms, self.butterflies, strict=True):
+            x = bfly(perm(x))
+        return self._out(x)
+
+    def matrix(self) -> torch.Tensor:
+        """The learned n x n matrix M (y = M x); O(n^2) per block when tied."""
+        if not self.config["tied"]:
+            eye = torch.eye(self.n, dtype=self.butterflies[0].twiddle.dtype)
+            return self.forward(eye).transpose(0, 1)
+        mat = None
+        for perm, bfly in zip(self.perms, self.butterflies, strict=True):
+            block = tied_bp_matrix(bfly.twiddle_tensor()[0], perm.probs())
+            mat = block if mat is None else block @ mat
+        assert mat is not None
+        if self.extra_perm is not None:
+            mat = permute_columns(mat, self.extra_perm.probs())
+        return self._out(mat)
+
+
+def save_factors(model: ButterflyStack, path: str | Path, meta: dict[str, Any] | None = None) -> None:
+    """Write a learned model's factors so `load_factors` can rebuild it (atomic)."""
+    payload = {
+        "format": FACTORS_FORMAT,
+        "config": model.config,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": meta or {},
+    }
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_factors(path: str | Path) -> ButterflyStack:
+    """Load factors written by `save_factors`; returns an eval-mode module: y = model(x)."""
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FACTORS_FORMAT:
+        raise ValueError(f"{path}: not a butterfly-suite factors file")
+    model = ButterflyStack(**payload["config"])
+    model.load_state_dict(payload["state_dict"])
+    for p in model.permutations():
+        if bool(p.hard):
+            p.round_()
+    return model.eval()

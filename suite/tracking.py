@@ -1,0 +1,249 @@
+"""The one place that talks to MLflow: one experiment per stage, a parent run per call.
+
+Usage::
+
+    configure(Path("."))                      # sqlite:///<abs>/mlflow.db unless the env says
+    with stage_run("recover", "recover-quick", params, {"commit": c}) as run:
+        run.child("dft-n8-bp", params={...}, metrics={"rmse": 1e-4}, tags={})
+
+mlflow is imported lazily, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+MAX_PARAM_VAL = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_TAG_VAL = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
+MAX_KEY = 250  # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH
+BATCH = 100  # params + tags per log_batch request
+PROBE_TIMEOUT_S = 3.0
+_QUIET_LOGGERS = ("mlflow", "alembic", "alembic.runtime.migration", "sqlalchemy")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The configured MLflow tracking server does not answer."""
+
+
+def _quiet() -> None:
+    """Silence MLflow's INFO chatter (alembic migrations, store creation)."""
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _probe(uri: str) -> None:
+    """Raise TrackingUnavailable unless an http(s) tracking server answers within 3 s."""
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered; a 4xx/5xx on /health still means a live server
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} does not answer ({reason}); "
+            "start it or unset MLFLOW_TRACKING_URI to use the local sqlite store"
+        ) from None
+
+
+def configure(default_dir: Path) -> str:
+    """Point MLflow at $MLFLOW_TRACKING_URI or sqlite:///<default_dir>/mlflow.db; return it."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    _quiet()
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        directory = Path(default_dir).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{directory / 'mlflow.db'}"
+    if urllib.parse.urlparse(uri).scheme in ("http", "https"):
+        _probe(uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    _quiet()
+    return uri
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _text(value: Any, limit: int) -> str:
+    """Stringify a param/tag value (tuples as lists) and truncate to MLflow's limit."""
+    text = str(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def to_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Flatten nested dicts with dotted keys; stringify and truncate values to 6000 chars."""
+    return {k[:MAX_KEY]: _text(v, MAX_PARAM_VAL) for k, v in flatten(params).items()}
+
+
+def to_tags(tags: Mapping[str, Any]) -> dict[str, str]:
+    """Flatten and stringify tag values; None values are dropped."""
+    return {k[:MAX_KEY]: _text(v, MAX_TAG_VAL) for k, v in flatten(tags).items() if v is not None}
+
+
+def to_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Flatten and convert metric values to float; None is dropped, text is a TypeError."""
+    out: dict[str, float] = {}
+    for key, value in flatten(metrics).items():
+        if value is None:
+            continue
+        try:
+            out[key[:MAX_KEY]] = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"metric {key!r} must be a number, got {value!r}") from None
+    return out
+
+
+def _artifact_location(uri: str, stage: str) -> str | None:
+    """Artifacts of a sqlite store live beside the db file, not in the current directory."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return (db.parent.resolve() / "mlartifacts" / stage).as_uri()
+
+
+def _experiment_id(client: MlflowClient, stage: str) -> str:
+    """Id of the experiment named stage, created (or restored) if needed."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(stage)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        location = _artifact_location(client.tracking_uri, stage)
+        return client.create_experiment(stage, artifact_location=location)
+    except MlflowException:  # created concurrently by another process
+        exp = client.get_experiment_by_name(stage)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class StageRun:
+    """A live parent run: log to it, and add one finished child run per measured cell."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, run_id: str,
+                 tags: dict[str, str]) -> None:
+        self.client = client
+        self.experiment_id = experiment_id
+        self.run_id = run_id
+        self._tags = tags
+
+    def _log(self, run_id: str, params: Mapping[str, Any] | None = None,
+             metrics: Mapping[str, Any] | None = None,
+             tags: Mapping[str, Any] | None = None) -> None:
+        """Log params, metrics and tags in batches of at most BATCH entities each."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        ps = [Param(k, v) for k, v in to_params(params or {}).items()]
+        ts = [RunTag(k, v) for k, v in to_tags(tags or {}).items()]
+        ms = [Metric(k, v, now, 0) for k, v in to_metrics(metrics or {}).items()]
+        for i in range(0, max(len(ps), len(ts), len(ms)), BATCH):
+            self.client.log_batch(run_id, metrics=ms[i:i + BATCH], params=ps[i:i + BATCH],
+                                  tags=ts[i:i + BATCH], synchronous=True)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log (flattened) params on the parent run."""
+        self._log(self.run_id, params=params)
+
+    def log_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """Log metrics on the parent run."""
+        self._log(self.run_id, metrics=metrics)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set tags on the parent run."""
+        self._log(self.run_id, tags=tags)
+
+    def log_artifact(self, path: str | os.PathLike[str]) -> None:
+        """Upload one file to the parent run's artifacts."""
+        self.client.log_artifact(self.run_id, str(path))
+
+    def child(self, name: str, params: Mapping[str, Any], metrics: Mapping[str, Any],
+              tags: Mapping[str, Any], artifacts: Sequence[str | os.PathLike[str]] = ()) -> str:
+        """Create a nested run, log everything, end it FINISHED; return its run id.
+
+        The child inherits the parent's tags (commit, profile, device...); tags override them.
+        """
+        all_tags = {**self._tags, **to_tags(tags), "mlflow.parentRunId": self.run_id}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run_id = run.info.run_id
+        status = "FAILED"
+        try:
+            self._log(run_id, params=params, metrics=metrics)
+            for path in artifacts:
+                self.client.log_artifact(run_id, str(path))
+            status = "FINISHED"
+        finally:
+            self.client.set_terminated(run_id, status)
+        return run_id
+
+
+def _status(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "KILLED"
+    if isinstance(exc, SystemExit) and exc.code in (0, None):
+        return "FINISHED"
+    return "FAILED"
+
+
+@contextmanager
+def stage_run(stage: str, run_name: str, params: Mapping[str, Any],
+              tags: Mapping[str, Any]) -> Iterator[StageRun]:
+    """Parent run in experiment `stage`; FINISHED on success, FAILED on error, KILLED on ^C.
+
+    Call configure() first. The run never stays RUNNING: it is terminated on every exit path.
+    """
+    from mlflow import MlflowClient
+
+    _quiet()
+    client = MlflowClient()
+    experiment_id = _experiment_id(client, stage)
+    run_tags = {**to_tags(tags), "stage": stage}
+    run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+    run_id = run.info.run_id
+    status = "FAILED"
+    try:
+        handle = StageRun(client, experiment_id, run_id, run_tags)
+        handle.log_params(params)
+        yield handle
+        status = "FINISHED"
+    except BaseException as exc:
+        status = _status(exc)
+        raise
+    finally:
+        client.set_terminated(run_id, status)
+
+
+__all__ = [
+    "StageRun", "TrackingUnavailable", "configure", "flatten", "stage_run", "to_params",
+    "to_metrics", "to_tags",
+]
