@@ -23,7 +23,9 @@ MODELS = {"bp": (1, False), "bpp": (1, True), "bpbp": (2, False)}  # (BP blocks,
 FACTORS_FORMAT = "butterfly-suite/factors/v1"
 
 
-def _random_unitary_2x2(count: int, complex_: bool, generator: torch.Generator | None) -> torch.Tensor:
+def _random_unitary_2x2(
+    count: int, complex_: bool, generator: torch.Generator | None
+) -> torch.Tensor:
     """count Haar-random 2x2 orthogonal (real) or unitary (complex) matrices."""
     shape = (count, 2, 2)
     a = torch.randn(*shape, generator=generator, dtype=torch.float64)
@@ -88,7 +90,9 @@ class Butterfly(nn.Module):
         self.bias = None
         if bias:
             bound = 1 / math.sqrt(in_features)
-            b = torch.empty(out_features, 2 if complex else 1).uniform_(-bound, bound, generator=generator)
+            b = torch.empty(out_features, 2 if complex else 1).uniform_(
+                -bound, bound, generator=generator
+            )
             self.bias = nn.Parameter(b if complex else b.squeeze(-1))
 
     def twiddle_tensor(self) -> torch.Tensor:
@@ -164,8 +168,13 @@ class ButterflyStack(nn.Module):
         if n < 4:
             raise ValueError(f"learned butterfly models need n >= 4, got {n}")
         self.config: dict[str, Any] = dict(
-            n=n, model=model, complex=complex, tied=tied, share_logits=share_logits,
-            init=init, real_output=real_output,
+            n=n,
+            model=model,
+            complex=complex,
+            tied=tied,
+            share_logits=share_logits,
+            init=init,
+            real_output=real_output,
         )
         blocks, extra = MODELS[model]
         self.n, self.real_output = n, real_output
@@ -209,7 +218,9 @@ class ButterflyStack(nn.Module):
         return self._out(mat)
 
 
-def save_factors(model: ButterflyStack, path: str | Path, meta: dict[str, Any] | None = None) -> None:
+def save_factors(
+    model: ButterflyStack, path: str | Path, meta: dict[str, Any] | None = None
+) -> None:
     """Write a learned model's factors so `load_factors` can rebuild it (atomic)."""
     payload = {
         "format": FACTORS_FORMAT,

@@ -14,5 +14,8 @@ from kernels.reference import butterfly_multiply_reference
 def butterfly_multiply(
     twiddle: torch.Tensor, x: torch.Tensor, increasing_stride: bool = True
 ) -> torch.Tensor:
-    """y = B x for x (batch, n); twiddle tied (nblocks, n-1, 2, 2) or untied (nblocks, m, n/2, 2, 2)."""
+    """y = B x for x (batch, n).
+
+    twiddle: tied (nblocks, n-1, 2, 2) or untied (nblocks, m, n/2, 2, 2), real or complex.
+    """
     return butterfly_multiply_reference(twiddle, x, increasing_stride)

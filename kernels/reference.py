@@ -39,7 +39,9 @@ def untie(twiddle: torch.Tensor) -> torch.Tensor:
     for level in range(m):
         s = 1 << level
         t = twiddle[:, s - 1 : 2 * s - 1]  # (nblocks, s, 2, 2)
-        levels.append(t.unsqueeze(1).expand(nblocks, n // (2 * s), s, 2, 2).reshape(nblocks, n // 2, 2, 2))
+        levels.append(
+            t.unsqueeze(1).expand(nblocks, n // (2 * s), s, 2, 2).reshape(nblocks, n // 2, 2, 2)
+        )
     return torch.stack(levels, dim=1)
 
 
@@ -63,7 +65,9 @@ def butterfly_multiply_reference(
     nblocks, m, half = tw.shape[:3]
     n = 2 * half
     if x.dim() != 2 or x.shape[1] != n or (1 << m) != n:
-        raise ValueError(f"x must be (batch, {n}) for a twiddle of {m} levels, got {tuple(x.shape)}")
+        raise ValueError(
+            f"x must be (batch, {n}) for a twiddle of {m} levels, got {tuple(x.shape)}"
+        )
     if tw.is_complex() and not x.is_complex():
         x = x.to(tw.dtype)
     elif x.is_complex() and not tw.is_complex():

@@ -56,32 +56,50 @@ def cmd_recover(args: argparse.Namespace) -> int:
         for rec in run_grid(p, work, log=_log):
             factors = rec.pop("factors")
             best = rec.pop("best_params")
-            rec.update(recovered=bool(rec["rmse"] <= 1e-4), profile=profile, run_id=run.run_id,
-                       env_id=fp["env_id"], commit=fp["commit"])
+            rec.update(
+                recovered=bool(rec["rmse"] <= 1e-4),
+                profile=profile,
+                run_id=run.run_id,
+                env_id=fp["env_id"],
+                commit=fp["commit"],
+            )
             child_params = {k: rec[k] for k in ("target", "n", "method", "model", "trials")}
             child_params.update({f"best.{k}": v for k, v in best.items()})
-            metrics = {"rmse": rec["rmse"], "seconds": rec["seconds"], "steps": rec["steps"],
-                       "recovered": float(rec["recovered"])}
-            run.child(f"{rec['target']}-{rec['n']}-{rec['method']}", child_params,
-                      {k: v for k, v in metrics.items() if math.isfinite(v)},
-                      {"target": rec["target"], "method": rec["method"]},
-                      [factors] if factors else [])
+            metrics = {
+                "rmse": rec["rmse"],
+                "seconds": rec["seconds"],
+                "steps": rec["steps"],
+                "recovered": float(rec["recovered"]),
+            }
+            run.child(
+                f"{rec['target']}-{rec['n']}-{rec['method']}",
+                child_params,
+                {k: v for k, v in metrics.items() if math.isfinite(v)},
+                {"target": rec["target"], "method": rec["method"]},
+                [factors] if factors else [],
+            )
             rows.append(rec)
         df = pd.DataFrame(rows, columns=list(results.RECOVERY_COLUMNS))
         results.write_table(df, out_csv, results.RECOVERY_COLUMNS)
         report.recovery_figure(df, out_fig)
         results.atomic_write_text(Path(args.summary), report.recovery_markdown(df))
         learned = df[df.method.isin(["bp", "bpp", "bpbp"])]
-        metrics = {"cells": int(len(learned)), "recovered": int(learned.recovered.sum()),
-                   "seconds": round(time.time() - t0, 1), "profile": profile}
+        metrics = {
+            "cells": int(len(learned)),
+            "recovered": int(learned.recovered.sum()),
+            "seconds": round(time.time() - t0, 1),
+            "profile": profile,
+        }
         results.atomic_write_json(Path(args.metrics), metrics)
         run.log_metrics({k: v for k, v in metrics.items() if k != "profile"})
         for path in (out_csv, out_fig):
             run.log_artifact(path)
     _replace_dir(work / "factors", factors_dir)
     shutil.rmtree(work, ignore_errors=True)
-    _log(f"[recover] {metrics['recovered']}/{metrics['cells']} learned cells recovered "
-         f"in {metrics['seconds']:.0f}s -> {out_csv}, {out_fig}")
+    _log(
+        f"[recover] {metrics['recovered']}/{metrics['cells']} learned cells recovered "
+        f"in {metrics['seconds']:.0f}s -> {out_csv}, {out_fig}"
+    )
     return 0
 
 
@@ -99,7 +117,8 @@ def _recover_matrix(args: argparse.Namespace) -> int:
     n = target.shape[0]
     if n not in sp.trials or n not in sp.cell_seconds:
         raise params.ParamsError(
-            f"profile {profile} has no trials/cell_seconds for n={n} (recover.search)")
+            f"profile {profile} has no trials/cell_seconds for n={n} (recover.search)"
+        )
     models = ["bp", "bpp", "bpbp"] if args.model == "auto" else [args.model]
     work = Path(tempfile.mkdtemp(prefix="recover-", dir=_scratch()))
     best = None
@@ -117,18 +136,32 @@ def _recover_matrix(args: argparse.Namespace) -> int:
         raise ValueError("no trial finished within the budget; raise recover.search.cell_seconds")
     res, fitted = best
     out = Path(args.out)
-    stage = Path(tempfile.mkdtemp(prefix=".recover-", dir=out.parent if out.parent.exists() else None))
+    stage = Path(
+        tempfile.mkdtemp(prefix=".recover-", dir=out.parent if out.parent.exists() else None)
+    )
     save_factors(fitted, stage / "factors.pt", {"matrix": str(args.matrix), "rmse": res.rmse})
-    summary = {"rmse": res.rmse, "mse": res.mse, "n": n, "model": res.model,
-               "recovered": res.rmse <= 1e-4, "seconds": round(time.time() - t0, 2),
-               "trials": res.trials, "steps": res.steps, "profile": profile,
-               "best_params": res.best_params, "factors": "factors.pt",
-               "complex_input": target.is_complex(), "environment": environment.fingerprint()}
+    summary = {
+        "rmse": res.rmse,
+        "mse": res.mse,
+        "n": n,
+        "model": res.model,
+        "recovered": res.rmse <= 1e-4,
+        "seconds": round(time.time() - t0, 2),
+        "trials": res.trials,
+        "steps": res.steps,
+        "profile": profile,
+        "best_params": res.best_params,
+        "factors": "factors.pt",
+        "complex_input": target.is_complex(),
+        "environment": environment.fingerprint(),
+    }
     results.atomic_write_json(stage / "result.json", summary)
     _replace_dir(stage, out)
     shutil.rmtree(work, ignore_errors=True)
-    print(f"rmse {res.rmse:.3e} ({'recovered' if res.rmse <= 1e-4 else 'not recovered'}) "
-          f"model {res.model} in {summary['seconds']:.1f}s -> {out}/result.json")
+    print(
+        f"rmse {res.rmse:.3e} ({'recovered' if res.rmse <= 1e-4 else 'not recovered'}) "
+        f"model {res.model} in {summary['seconds']:.1f}s -> {out}/result.json"
+    )
     return 0
 
 
@@ -174,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("recover", help="transform recovery (PAPER.md section 2)")
     rec.add_argument("--params", default="params.yaml")
     rec.add_argument("--profile", choices=params.PROFILES, help="override params.yaml's profile")
-    rec.add_argument("--matrix", help="a user matrix (.npy/.txt/.csv) to factorize instead of the grid")
+    rec.add_argument(
+        "--matrix", help="a user matrix (.npy/.txt/.csv) to factorize instead of the grid"
+    )
     rec.add_argument("--out", help="with --matrix: output folder for result.json and factors.pt")
     rec.add_argument("--model", default="auto", choices=["auto", "bp", "bpp", "bpbp"])
     rec.add_argument("--table", default="reports/recovery.csv")

@@ -48,14 +48,18 @@ def stage_section(raw: dict[str, Any], stage: str, profile: str | None = None) -
     profiles = raw.get("profiles") or {}
     unknown = sorted(set(profiles) - set(PROFILES))
     if unknown:
-        raise ParamsError(f"unknown profile 'profiles.{unknown[0]}' (allowed: {', '.join(PROFILES)})")
+        raise ParamsError(
+            f"unknown profile 'profiles.{unknown[0]}' (allowed: {', '.join(PROFILES)})"
+        )
     own = (profiles.get(profile) or {}).get(stage) or {}
     for name, section in ((stage, shared), (f"profiles.{profile}.{stage}", own)):
         if not isinstance(section, dict):
             raise ParamsError(f"'{name}' must be a mapping")
     both = sorted(set(shared) & set(own))
     if both:
-        raise ParamsError(f"'{stage}.{both[0]}' is set both in '{stage}' and in 'profiles.{profile}'")
+        raise ParamsError(
+            f"'{stage}.{both[0]}' is set both in '{stage}' and in 'profiles.{profile}'"
+        )
     return profile, {**shared, **own}
 
 
@@ -81,7 +85,10 @@ def _check(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ParamsError(f"'{key}' must be a mapping, got {value!r}")
-        return {_check(k, args[0], f"{key}.{k}"): _check(v, args[1], f"{key}.{k}") for k, v in value.items()}
+        return {
+            _check(k, args[0], f"{key}.{k}"): _check(v, args[1], f"{key}.{k}")
+            for k, v in value.items()
+        }
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ParamsError(f"'{key}' must be a number, got {value!r}")
@@ -121,7 +128,9 @@ def build(cls: type[T], data: dict[str, Any], where: str) -> T:
     return obj
 
 
-def load_stage(path: str | Path, stage: str, cls: type[T], profile: str | None = None) -> tuple[str, T]:
+def load_stage(
+    path: str | Path, stage: str, cls: type[T], profile: str | None = None
+) -> tuple[str, T]:
     """Read params.yaml and return (profile, typed params of `stage`)."""
     profile, section = stage_section(load_yaml(path), stage, profile)
     return profile, build(cls, section, stage)

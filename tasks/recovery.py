@@ -106,7 +106,7 @@ class RecoverParams:
                 if n < 8 or n & (n - 1):
                     raise ValueError(f"sizes.{t}: n must be a power of two >= 8, got {n}")
         search = build(SearchParams, self.search, "recover.search")
-        for t, ns in self.sizes.items():
+        for ns in self.sizes.values():
             for n in ns:
                 search.trials_for(n), search.seconds_for(n)  # every n has a budget
         bad = sorted(set(self.baselines) - set(BASELINES))
@@ -153,8 +153,15 @@ def polish(model: ButterflyStack, target: torch.Tensor, steps: int) -> tuple[But
     params = [p for p in model.parameters() if p.requires_grad]
     # The MSE averages n^2 entries, so its gradients are tiny near a solution: turn off the
     # default tolerances, which would otherwise stop L-BFGS after one step.
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, history_size=50,
-                            tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=steps,
+        history_size=50,
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -172,8 +179,16 @@ def polish(model: ButterflyStack, target: torch.Tensor, steps: int) -> tuple[But
 
 def _build(n: int, model: str, real: bool, hp: dict[str, Any]) -> ButterflyStack:
     g = torch.Generator().manual_seed(hp["seed"])
-    return ButterflyStack(n, model, complex=True, tied=True, share_logits=hp["share_logits"],
-                          init=hp["init"], real_output=real, generator=g)
+    return ButterflyStack(
+        n,
+        model,
+        complex=True,
+        tied=True,
+        share_logits=hp["share_logits"],
+        init=hp["init"],
+        real_output=real,
+        generator=g,
+    )
 
 
 class _Objective:
@@ -224,7 +239,9 @@ class _Objective:
         self._save(trial, best_state, steps, t0, hp)
         return best
 
-    def _save(self, trial: optuna.Trial, state: dict | None, steps: int, t0: float, hp: dict) -> None:
+    def _save(
+        self, trial: optuna.Trial, state: dict | None, steps: int, t0: float, hp: dict
+    ) -> None:
         trial.set_user_attr("steps", steps)
         trial.set_user_attr("seconds", time.time() - t0)
         if state is not None:
@@ -243,7 +260,7 @@ def _stop_when_solved(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> N
 
 
 def open_storage(url: str | None, work_dir: Path) -> optuna.storages.BaseStorage | str:
-    """An Optuna storage: the given URL, or a journal file under work_dir (safe across processes)."""
+    """An Optuna storage: the given URL, or a journal file under work_dir (multi-process safe)."""
     if url:
         return url
     from optuna.storages.journal import JournalFileBackend
@@ -252,9 +269,14 @@ def open_storage(url: str | None, work_dir: Path) -> optuna.storages.BaseStorage
     return optuna.storages.JournalStorage(JournalFileBackend(str(work_dir / "optuna.journal")))
 
 
-def run_worker(storage_url: str | None, work_dir: str, study_name: str, worker: int,
-               target: torch.Tensor | None = None) -> None:
-    """Run trials of a study until its trial cap, its deadline, or a solve. Any machine may call it."""
+def run_worker(
+    storage_url: str | None,
+    work_dir: str,
+    study_name: str,
+    worker: int,
+    target: torch.Tensor | None = None,
+) -> None:
+    """Run a study's trials until its trial cap, its deadline or a solve; any machine may call it."""
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(storage_url, Path(work_dir))
@@ -263,33 +285,51 @@ def run_worker(storage_url: str | None, work_dir: str, study_name: str, worker: 
         target = target_matrix(attrs["target"], attrs["n"])
     sp = SearchParams(**attrs["search"])
     study = optuna.load_study(
-        study_name=study_name, storage=storage,
+        study_name=study_name,
+        storage=storage,
         sampler=optuna.samplers.RandomSampler(seed=sp.seed * 1000 + worker + os.getpid() % 997),
         pruner=optuna.pruners.HyperbandPruner(
-            min_resource=sp.min_epochs, max_resource=sp.max_epochs,
-            reduction_factor=sp.reduction_factor),
+            min_resource=sp.min_epochs,
+            max_resource=sp.max_epochs,
+            reduction_factor=sp.reduction_factor,
+        ),
     )
     remaining = attrs["deadline"] - time.time()
     if remaining <= 0:
         return
     Path(attrs["trial_dir"]).mkdir(parents=True, exist_ok=True)
     study.optimize(
-        _Objective(attrs, target, attrs["deadline"]), timeout=remaining,
-        callbacks=[optuna.study.MaxTrialsCallback(attrs["max_trials"], states=None), _stop_when_solved],
+        _Objective(attrs, target, attrs["deadline"]),
+        timeout=remaining,
+        callbacks=[
+            optuna.study.MaxTrialsCallback(attrs["max_trials"], states=None),
+            _stop_when_solved,
+        ],
         catch=(),
     )
 
 
-def learn_cell(target: torch.Tensor, name: str, model: str, sp: SearchParams, work_dir: Path,
-               storage: str | None = None, log: Log = print) -> tuple[CellResult, ButterflyStack | None]:
+def learn_cell(
+    target: torch.Tensor,
+    name: str,
+    model: str,
+    sp: SearchParams,
+    work_dir: Path,
+    storage: str | None = None,
+    log: Log = print,
+) -> tuple[CellResult, ButterflyStack | None]:
     """Search, polish and return the best factorization of `target` with `model`."""
     n = target.shape[0]
     t0 = time.time()
     cell_dir = work_dir / f"{name}-{n}-{model}"
     study_name = f"recover/{name}/{n}/{model}/{int(t0)}"
     attrs = {
-        "target": name, "n": n, "model": model, "search": asdict(sp),
-        "max_trials": sp.trials_for(n), "deadline": t0 + sp.seconds_for(n),
+        "target": name,
+        "n": n,
+        "model": model,
+        "search": asdict(sp),
+        "max_trials": sp.trials_for(n),
+        "deadline": t0 + sp.seconds_for(n),
         "trial_dir": str((cell_dir / "trials").resolve()),
     }
     st = open_storage(storage, work_dir)
@@ -302,8 +342,10 @@ def learn_cell(target: torch.Tensor, name: str, model: str, sp: SearchParams, wo
     else:
         ctx = get_context("spawn")
         with ProcessPoolExecutor(sp.workers, mp_context=ctx) as pool:
-            futures = [pool.submit(run_worker, storage, str(work_dir), study_name, w, user_target)
-                       for w in range(sp.workers)]
+            futures = [
+                pool.submit(run_worker, storage, str(work_dir), study_name, w, user_target)
+                for w in range(sp.workers)
+            ]
             for f in futures:
                 f.result()
     study = optuna.load_study(study_name=study_name, storage=st)
@@ -312,22 +354,47 @@ def learn_cell(target: torch.Tensor, name: str, model: str, sp: SearchParams, wo
     steps = sum(t.user_attrs.get("steps", 0) for t in study.trials)
     if not done:
         log(f"  {name} n={n} {model}: no trial finished an epoch within the budget")
-        res = CellResult(name, n, model, float("nan"), float("nan"), len(study.trials), steps,
-                         time.time() - t0, True, {}, None)
+        res = CellResult(
+            name,
+            n,
+            model,
+            float("nan"),
+            float("nan"),
+            len(study.trials),
+            steps,
+            time.time() - t0,
+            True,
+            {},
+            None,
+        )
         return res, None
     best_model, best_mse, best_hp = _final_polish(done, target, n, model, sp, study)
-    result = CellResult(name, n, model, math.sqrt(best_mse), best_mse, len(study.trials), steps,
-                        time.time() - t0, capped, best_hp, None)
+    result = CellResult(
+        name,
+        n,
+        model,
+        math.sqrt(best_mse),
+        best_mse,
+        len(study.trials),
+        steps,
+        time.time() - t0,
+        capped,
+        best_hp,
+        None,
+    )
     return result, best_model
 
 
-def _final_polish(done: list, target: torch.Tensor, n: int, model: str, sp: SearchParams,
-                  study: optuna.Study) -> tuple[ButterflyStack, float, dict[str, Any]]:
+def _final_polish(
+    done: list, target: torch.Tensor, n: int, model: str, sp: SearchParams, study: optuna.Study
+) -> tuple[ButterflyStack, float, dict[str, Any]]:
     """The best trials get `final_steps` L-BFGS steps with the permutation frozen."""
     work_target = target.to(_working_dtype(target))
     solved = study.user_attrs.get("solved_by")
     ranked = sorted(done, key=lambda t: t.value if t.value is not None else _last(t))
-    top = [t for t in ranked if t.number == solved] if solved is not None else ranked[: sp.final_top]
+    top = (
+        [t for t in ranked if t.number == solved] if solved is not None else ranked[: sp.final_top]
+    )
     best: tuple[ButterflyStack, float, dict[str, Any]] | None = None
     for t in top:
         saved = torch.load(t.user_attrs["state"], weights_only=True)
@@ -393,19 +460,40 @@ def run_grid(params: RecoverParams, work_dir: Path, log: Log = print) -> Iterato
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_factors(best, path, {"target": name, "n": n, "rmse": res.rmse})
                 res.factors = path
-            log(f"[recover] {name} n={n} {model}: rmse={res.rmse:.2e} trials={res.trials} "
-                f"{res.seconds:.0f}s{' (budget cap)' if res.budget_capped else ''}")
+            log(
+                f"[recover] {name} n={n} {model}: rmse={res.rmse:.2e} trials={res.trials} "
+                f"{res.seconds:.0f}s{' (budget cap)' if res.budget_capped else ''}"
+            )
             yield _record(res)
             t0 = time.time()
             rows = baselines(target, params.baselines)
             for method, value in rows.items():
-                yield {"target": name, "n": n, "method": method, "model": method, "rmse": value,
-                       "trials": 0, "steps": 0, "seconds": time.time() - t0,
-                       "budget_capped": False, "factors": None, "best_params": {}}
+                yield {
+                    "target": name,
+                    "n": n,
+                    "method": method,
+                    "model": method,
+                    "rmse": value,
+                    "trials": 0,
+                    "steps": 0,
+                    "seconds": time.time() - t0,
+                    "budget_capped": False,
+                    "factors": None,
+                    "best_params": {},
+                }
 
 
 def _record(res: CellResult) -> dict[str, Any]:
-    return {"target": res.target, "n": res.n, "method": res.model, "model": res.model,
-            "rmse": res.rmse, "trials": res.trials, "steps": res.steps, "seconds": res.seconds,
-            "budget_capped": res.budget_capped, "factors": res.factors,
-            "best_params": res.best_params}
+    return {
+        "target": res.target,
+        "n": res.n,
+        "method": res.model,
+        "model": res.model,
+        "rmse": res.rmse,
+        "trials": res.trials,
+        "steps": res.steps,
+        "seconds": res.seconds,
+        "budget_capped": res.budget_capped,
+        "factors": res.factors,
+        "best_params": res.best_params,
+    }
