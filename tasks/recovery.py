@@ -276,7 +276,7 @@ def run_worker(
     worker: int,
     target: torch.Tensor | None = None,
 ) -> None:
-    """Run a study's trials until its trial cap, its deadline or a solve; any machine may call it."""
+    """Run a study's trials until its cap, its deadline or a solve; any machine may call it."""
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(storage_url, Path(work_dir))
