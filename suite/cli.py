@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -106,7 +107,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 def _recover_matrix(args: argparse.Namespace) -> int:
     """Learn a fast factorization of a user matrix; writes DIR/result.json and DIR/factors.pt."""
     from kernels.butterfly import save_factors
-    from tasks.recovery import learn_cell
+    from tasks.recovery import learn_cell, trial_pool
     from tasks.targets import load_matrix
 
     target = load_matrix(args.matrix)
@@ -123,14 +124,15 @@ def _recover_matrix(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="recover-", dir=_scratch()))
     best = None
     t0 = time.time()
-    for model in models:
-        _log(f"[recover] {args.matrix} n={n}: trying {model}")
-        res, fitted = learn_cell(target, "matrix", model, sp, work, p.storage, _log)
-        _log(f"[recover] {model}: rmse={res.rmse:.3e}")
-        if fitted is not None and (best is None or res.rmse < best[0].rmse):
-            best = (res, fitted)
-        if res.rmse <= 1e-4:
-            break
+    with trial_pool(sp.workers) or contextlib.nullcontext() as pool:
+        for model in models:
+            _log(f"[recover] {args.matrix} n={n}: trying {model}")
+            res, fitted = learn_cell(target, "matrix", model, sp, work, p.storage, _log, pool)
+            _log(f"[recover] {model}: rmse={res.rmse:.3e}")
+            if fitted is not None and (best is None or res.rmse < best[0].rmse):
+                best = (res, fitted)
+            if res.rmse <= 1e-4:
+                break
     if best is None:
         shutil.rmtree(work, ignore_errors=True)
         raise ValueError("no trial finished within the budget; raise recover.search.cell_seconds")

@@ -12,6 +12,7 @@ and `polish_steps` of L-BFGS; its value is the better of the two MSEs. Any trial
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -49,6 +50,7 @@ class SearchParams:
     inits: list[str]  # sampled per trial: randn (the paper's), ortho
     polish_every: int  # 5 epochs
     polish_steps: int  # 15 L-BFGS steps
+    polish_below: float  # polish only when the Adam MSE is below this (paper: always, .inf)
     final_top: int  # 16 best trials ...
     final_steps: int  # ... get 50 more L-BFGS steps
     threshold_mse: float  # 1e-8, i.e. RMSE 1e-4
@@ -221,7 +223,8 @@ class _Objective:
                 value = _finite(mse_loss(model.matrix(), self.target).item())
             if value < best:
                 best, best_state = value, copy.deepcopy(model.state_dict())
-            if epoch % sp.polish_every == 0 or epoch == sp.max_epochs or value < sp.threshold_mse:
+            due = epoch % sp.polish_every == 0 or epoch == sp.max_epochs
+            if (due and value < sp.polish_below) or value < sp.threshold_mse:
                 polished, pvalue = polish(model, self.target, sp.polish_steps)
                 if pvalue < best:
                     best, best_state = pvalue, copy.deepcopy(polished.state_dict())
@@ -309,6 +312,11 @@ def run_worker(
     )
 
 
+def trial_pool(workers: int) -> ProcessPoolExecutor | None:
+    """Worker processes for trials, started once and reused by every cell (None: in-process)."""
+    return None if workers == 1 else ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+
+
 def learn_cell(
     target: torch.Tensor,
     name: str,
@@ -317,8 +325,12 @@ def learn_cell(
     work_dir: Path,
     storage: str | None = None,
     log: Log = print,
+    pool: ProcessPoolExecutor | None = None,
 ) -> tuple[CellResult, ButterflyStack | None]:
-    """Search, polish and return the best factorization of `target` with `model`."""
+    """Search, polish and return the best factorization of `target` with `model`.
+
+    pool: from `trial_pool(sp.workers)`; without one, trials run in this process.
+    """
     n = target.shape[0]
     t0 = time.time()
     cell_dir = work_dir / f"{name}-{n}-{model}"
@@ -337,17 +349,15 @@ def learn_cell(
     for k, v in attrs.items():
         study.set_user_attr(k, v)
     user_target = None if name in TARGETS else target  # named targets are rebuilt by workers
-    if sp.workers == 1:
+    if pool is None:
         run_worker(storage, str(work_dir), study_name, 0, user_target)
     else:
-        ctx = get_context("spawn")
-        with ProcessPoolExecutor(sp.workers, mp_context=ctx) as pool:
-            futures = [
-                pool.submit(run_worker, storage, str(work_dir), study_name, w, user_target)
-                for w in range(sp.workers)
-            ]
-            for f in futures:
-                f.result()
+        futures = [
+            pool.submit(run_worker, storage, str(work_dir), study_name, w, user_target)
+            for w in range(sp.workers)
+        ]
+        for f in futures:
+            f.result()
     study = optuna.load_study(study_name=study_name, storage=st)
     capped = time.time() > attrs["deadline"] and study.user_attrs.get("solved_by") is None
     done = [t for t in study.trials if "state" in t.user_attrs]
@@ -449,12 +459,23 @@ def _hierarchical_rmse(target: torch.Tensor, perm: torch.Tensor) -> float:
 def run_grid(params: RecoverParams, work_dir: Path, log: Log = print) -> Iterator[dict[str, Any]]:
     """Every cell of the grid: yields one record per (target, n, method), learned rows first."""
     sp = params.search_params
+    with trial_pool(sp.workers) or contextlib.nullcontext() as pool:
+        yield from _grid(params, sp, work_dir, log, pool)
+
+
+def _grid(
+    params: RecoverParams,
+    sp: SearchParams,
+    work_dir: Path,
+    log: Log,
+    pool: ProcessPoolExecutor | None,
+) -> Iterator[dict[str, Any]]:
     for name, ns in params.sizes.items():
         model = params.models[name]
         for n in ns:
             target = target_matrix(name, n)
             log(f"[recover] {name} n={n} model={model}: up to {sp.trials_for(n)} trials")
-            res, best = learn_cell(target, name, model, sp, work_dir, params.storage, log)
+            res, best = learn_cell(target, name, model, sp, work_dir, params.storage, log, pool)
             if best is not None:
                 path = work_dir / "factors" / f"{name}-{n}-{model}.pt"
                 path.parent.mkdir(parents=True, exist_ok=True)
