@@ -146,6 +146,8 @@ def tied_bp_matrix(twiddle: torch.Tensor, probs: torch.Tensor | None) -> torch.T
 class ButterflyStack(nn.Module):
     """The paper's learned models on n x n: bp = B P, bpp = B P P', bpbp = B2 P2 B1 P1.
 
+    share_logits ties the logits of each P across its levels; P' (bpp) always has its own per level.
+
     forward: x (batch, n) -> (batch, n) computing y = M x row by row. With real_output the
     complex result's real part is returned (how the paper fits real targets).
     """
@@ -178,7 +180,9 @@ class ButterflyStack(nn.Module):
         )
         blocks, extra = MODELS[model]
         self.n, self.real_output = n, real_output
-        self.extra_perm = Permutation(n, share_logits, generator) if extra else None
+        # The extra permutation of BPP is always per level: the DCT's even/odd-then-reverse
+        # reordering acts on the top level only, which one shared triple cannot express.
+        self.extra_perm = Permutation(n, False, generator) if extra else None
         self.perms = nn.ModuleList(Permutation(n, share_logits, generator) for _ in range(blocks))
         self.butterflies = nn.ModuleList(
             Butterfly(n, n, bias=False, complex=complex, tied=tied, init=init, generator=generator)

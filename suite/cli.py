@@ -19,8 +19,6 @@ import pandas as pd
 
 from suite import environment, params, report, results, tracking
 
-ROOT = Path.cwd()
-
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -43,14 +41,16 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from tasks.recovery import run_grid
 
     profile, p = _recover_params(args)
+    if args.only:
+        p = p.restricted(_parse_cells(args.only))
     fp = environment.fingerprint()
     out_csv, out_fig = Path(args.table), Path(args.figure)
     factors_dir = Path(args.factors)
     work = Path(tempfile.mkdtemp(prefix="recover-", dir=_scratch()))
-    uri = tracking.configure(ROOT)
+    uri = tracking.configure(Path.cwd())
     tags = {"commit": fp["commit"], "profile": profile, "device": fp["device"], "stage": "recover"}
     rows: list[dict[str, Any]] = []
-    run_name = f"recover-{profile}-{fp['commit'][:8]}"
+    run_name = f"recover-{profile}{'-only' if args.only else ''}-{fp['commit'][:8]}"
     _log(f"[recover] profile={profile} tracking={uri} work={work}")
     t0 = time.time()
     with tracking.stage_run("recover", run_name, {"profile": profile, **_plain(p)}, tags) as run:
@@ -175,8 +175,19 @@ def cmd_recover_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_cells(text: str) -> list[tuple[str, int]]:
+    """'dft:1024,dct:512' -> [('dft', 1024), ('dct', 512)]."""
+    cells = []
+    for item in filter(None, text.split(",")):
+        target, _, n = item.partition(":")
+        if not n.isdigit():
+            raise ValueError(f"--only takes TARGET:N[,TARGET:N...], got {item!r}")
+        cells.append((target.strip(), int(n)))
+    return cells
+
+
 def _scratch() -> Path:
-    path = ROOT / ".suite-tmp"
+    path = Path.cwd() / ".suite-tmp"
     path.mkdir(exist_ok=True)
     return path
 
@@ -214,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rec.add_argument("--out", help="with --matrix: output folder for result.json and factors.pt")
     rec.add_argument("--model", default="auto", choices=["auto", "bp", "bpp", "bpbp"])
+    rec.add_argument("--only", help="run only these cells of the profile, e.g. dft:1024,dct:1024")
     rec.add_argument("--table", default="reports/recovery.csv")
     rec.add_argument("--figure", default="reports/figures/recovery.png")
     rec.add_argument("--summary", default="reports/recovery.md")

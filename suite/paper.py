@@ -36,18 +36,28 @@ def _frozen(d: dict) -> Mapping:
 
 # --- 1. Abstract claims --------------------------------------------------------------------
 
-ABSTRACT_CLAIMS: Mapping[str, Number] = _frozen({
-    "fft_recovery_max_n": Number(
-        1024, "N", "recovers the Cooley-Tukey FFT to machine precision for N up to 1024",
-        ABSTRACT),
-    "accuracy_gain_points": Number(
-        3.9, "accuracy points",
-        "single-hidden-layer CIFAR-10: beats the unconstrained layer by 3.9 points", ABSTRACT),
-    "inference_speedup": Number(
-        4.0, "x", "4X faster inference than the unconstrained layer", ABSTRACT),
-    "parameter_reduction": Number(
-        40.0, "x", "40X fewer parameters than the unconstrained layer", ABSTRACT),
-})
+ABSTRACT_CLAIMS: Mapping[str, Number] = _frozen(
+    {
+        "fft_recovery_max_n": Number(
+            1024,
+            "N",
+            "recovers the Cooley-Tukey FFT to machine precision for N up to 1024",
+            ABSTRACT,
+        ),
+        "accuracy_gain_points": Number(
+            3.9,
+            "accuracy points",
+            "single-hidden-layer CIFAR-10: beats the unconstrained layer by 3.9 points",
+            ABSTRACT,
+        ),
+        "inference_speedup": Number(
+            4.0, "x", "4X faster inference than the unconstrained layer", ABSTRACT
+        ),
+        "parameter_reduction": Number(
+            40.0, "x", "40X fewer parameters than the unconstrained layer", ABSTRACT
+        ),
+    }
+)
 
 
 def abstract_claim(key: str) -> Number:
@@ -61,14 +71,22 @@ def abstract_claim(key: str) -> Number:
 # --- 2. Transform recovery (paper Section 4.1) ---------------------------------------------
 
 TARGETS: tuple[str, ...] = (
-    "dft", "dct", "dst", "convolution", "hadamard", "hartley", "legendre", "randn",
+    "dft",
+    "dct",
+    "dst",
+    "convolution",
+    "hadamard",
+    "hartley",
+    "legendre",
+    "randn",
 )
 """The 8 targets in the paper's (figure) order."""
 STRUCTURED_TARGETS: tuple[str, ...] = TARGETS[:6]
 """The six rows with fast algorithms: the headline counts their cells."""
 SIZES: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)
-TRIALS_PER_N: Mapping[int, int] = _frozen(dict(zip(SIZES, (20, 20, 40, 60, 80, 160, 160, 320),
-                                                   strict=True)))
+TRIALS_PER_N: Mapping[int, int] = _frozen(
+    dict(zip(SIZES, (20, 20, 40, 60, 80, 160, 160, 320), strict=True))
+)
 RMSE_THRESHOLD: float = 1e-4
 """The "machine precision" line: RMSE <= 1e-4, i.e. MSE <= 1e-8."""
 MSE_THRESHOLD: float = 1e-8
@@ -96,22 +114,25 @@ class RecoveryTarget:
     unverified: bool = False
 
 
-RECOVERY: Mapping[str, RecoveryTarget] = _frozen({
-    "dft": RecoveryTarget("dft", "bp", SIZES, _STRUCTURED_RANGE),
-    "dct": RecoveryTarget("dct", "bpp", SIZES, _STRUCTURED_RANGE),
-    "dst": RecoveryTarget("dst", "bpp", SIZES, _STRUCTURED_RANGE),
-    "convolution": RecoveryTarget(
-        "convolution", "bpbp", SIZES[:-1], None, _frozen({1024: 1.9e-2})),
-    "hadamard": RecoveryTarget("hadamard", "bp", SIZES, _STRUCTURED_RANGE),
-    "hartley": RecoveryTarget("hartley", "bp", SIZES, _STRUCTURED_RANGE),
-    "legendre": RecoveryTarget("legendre", "bp", (), (1.6e-3, 3.4e-2)),
-    "randn": RecoveryTarget("randn", "bp", (), (3e-2, 1.6e-1)),
-})
+RECOVERY: Mapping[str, RecoveryTarget] = _frozen(
+    {
+        "dft": RecoveryTarget("dft", "bp", SIZES, _STRUCTURED_RANGE),
+        "dct": RecoveryTarget("dct", "bpp", SIZES, _STRUCTURED_RANGE),
+        "dst": RecoveryTarget("dst", "bpp", SIZES, _STRUCTURED_RANGE),
+        "convolution": RecoveryTarget(
+            "convolution", "bpbp", SIZES[:-1], None, _frozen({1024: 1.9e-2})
+        ),
+        "hadamard": RecoveryTarget("hadamard", "bp", SIZES, _STRUCTURED_RANGE),
+        "hartley": RecoveryTarget("hartley", "bp", SIZES, _STRUCTURED_RANGE),
+        "legendre": RecoveryTarget("legendre", "bp", (), (1.6e-3, 3.4e-2)),
+        "randn": RecoveryTarget("randn", "bp", (), (3e-2, 1.6e-1)),
+    }
+)
 """Note: the (9e-7, 8e-5) range is published for dft, dct, dst, hadamard and hartley jointly."""
 
 HEADLINE_RECOVERED = Number(
-    47, "cells", "the paper recovers 47 of the 48 cells of the six structured rows",
-    RESULT_FILES)
+    47, "cells", "the paper recovers 47 of the 48 cells of the six structured rows", RESULT_FILES
+)
 HEADLINE_CELLS: int = 48
 
 
@@ -176,16 +197,21 @@ class CompressionRow:
     unverified: bool = False
 
 
-COMPRESSION: Mapping[str, CompressionRow] = _frozen({r.method: r for r in (
-    CompressionRow("unconstrained", "unconstrained", 46.03, 1.0, "1,048,576"),
-    CompressionRow("bpbp_complex", "BPBP complex, fixed permutation", 49.93, 39.4, "~16N"),
-    CompressionRow("bpbp_real", "BPBP real, fixed permutation", 48.69, 56.9, "~8N"),
-    CompressionRow("ldr_td", "LDR-TD", 45.33, 56.9, "2rN + 6N - 4"),
-    CompressionRow("toeplitz_like", "Toeplitz-like", 41.78, 56.9, "2rN (r = 4)"),
-    CompressionRow("fastfood", "Fastfood", 39.64, 78.7, "3N", unverified=True),
-    CompressionRow("circulant", "circulant", 34.28, 93.0, "N", unverified=True),
-    CompressionRow("lowrank", "low-rank", 32.28, 56.9, "2rN (r = 4)", unverified=True),
-)})
+COMPRESSION: Mapping[str, CompressionRow] = _frozen(
+    {
+        r.method: r
+        for r in (
+            CompressionRow("unconstrained", "unconstrained", 46.03, 1.0, "1,048,576"),
+            CompressionRow("bpbp_complex", "BPBP complex, fixed permutation", 49.93, 39.4, "~16N"),
+            CompressionRow("bpbp_real", "BPBP real, fixed permutation", 48.69, 56.9, "~8N"),
+            CompressionRow("ldr_td", "LDR-TD", 45.33, 56.9, "2rN + 6N - 4"),
+            CompressionRow("toeplitz_like", "Toeplitz-like", 41.78, 56.9, "2rN (r = 4)"),
+            CompressionRow("fastfood", "Fastfood", 39.64, 78.7, "3N", unverified=True),
+            CompressionRow("circulant", "circulant", 34.28, 93.0, "N", unverified=True),
+            CompressionRow("lowrank", "low-rank", 32.28, 56.9, "2rN (r = 4)", unverified=True),
+        )
+    }
+)
 
 
 def compression_row(method: str) -> CompressionRow | None:
@@ -193,8 +219,9 @@ def compression_row(method: str) -> CompressionRow | None:
     return COMPRESSION.get(method)
 
 
-def compression_factor(hidden_params: int, n: int = COMPRESSION_N,
-                       classes: int = COMPRESSION_CLASSES) -> float:
+def compression_factor(
+    hidden_params: int, n: int = COMPRESSION_N, classes: int = COMPRESSION_CLASSES
+) -> float:
     """The paper's CF = N^2 / (P_hidden + classes * N + classes)."""
     return n * n / (hidden_params + classes * n + classes)
 
@@ -203,21 +230,34 @@ def compression_factor(hidden_params: int, n: int = COMPRESSION_N,
 
 SPEED_SIZES: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 SPEED_SETUP = "batch 1, float32, one CPU thread; speed-up over a dense numpy matrix-vector"
-SPEEDUP: Mapping[str, Mapping[int, float]] = _frozen({
-    m: _frozen(dict(zip(SPEED_SIZES, v, strict=True))) for m, v in {
-        "fft": (0.67, 0.96, 3.15, 9.36, 22.1, 26.2, 215, 461),
-        "dct": (0.44, 0.49, 1.59, 4.18, 10.7, 22.9, 131, 250),
-        "bp": (0.19, 0.19, 0.57, 1.56, 4.40, 10.6, 65.8, 172),
-    }.items()
-})
+SPEEDUP: Mapping[str, Mapping[int, float]] = _frozen(
+    {
+        m: _frozen(dict(zip(SPEED_SIZES, v, strict=True)))
+        for m, v in {
+            "fft": (0.67, 0.96, 3.15, 9.36, 22.1, 26.2, 215, 461),
+            "dct": (0.44, 0.49, 1.59, 4.18, 10.7, 22.9, 131, 250),
+            "bp": (0.19, 0.19, 0.57, 1.56, 4.40, 10.6, 65.8, 172),
+        }.items()
+    }
+)
 """Speed-up over dense per method and N; source SPEED_FIGURE."""
 
-GPU_SPEEDUP: Mapping[int, Number] = _frozen({
-    1024: Number(1.2, "x", "2019 GPU kernel vs nn.Linear, batch 256, forward+backward",
-                 PROTOCOL + "; GPU model not recorded"),
-    4096: Number(4.6, "x", "2019 GPU kernel vs nn.Linear, batch 256, forward+backward",
-                 PROTOCOL + "; GPU model not recorded"),
-})
+GPU_SPEEDUP: Mapping[int, Number] = _frozen(
+    {
+        1024: Number(
+            1.2,
+            "x",
+            "2019 GPU kernel vs nn.Linear, batch 256, forward+backward",
+            PROTOCOL + "; GPU model not recorded",
+        ),
+        4096: Number(
+            4.6,
+            "x",
+            "2019 GPU kernel vs nn.Linear, batch 256, forward+backward",
+            PROTOCOL + "; GPU model not recorded",
+        ),
+    }
+)
 
 
 def paper_speedup(method: str, n: int) -> float | None:
@@ -234,6 +274,8 @@ def paper_gpu_speedup(n: int) -> float | None:
 # --- 5. Later methods (rows the suite adds) ------------------------------------------------
 
 HIERARCHICAL_RELATIVE_ERROR = Number(
-    1e-14, "relative error",
+    1e-14,
+    "relative error",
     "hierarchical butterfly factorization recovers DFT and Hadamard at N = 1024 to ~1e-14",
-    LATER_WORK)
+    LATER_WORK,
+)

@@ -39,8 +39,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def stage_section(raw: dict[str, Any], stage: str, profile: str | None = None) -> tuple[str, dict]:
-    """Merge `raw[stage]` with `raw['profiles'][profile][stage]`; returns (profile, merged)."""
+def stage_section(
+    raw: dict[str, Any], stage: str, profile: str | None = None
+) -> tuple[str, dict, dict[str, str]]:
+    """Merge `raw[stage]` with `raw['profiles'][profile][stage]`.
+
+    Returns (profile, merged, origins): origins maps each key to the section it came from, so
+    that errors name the key's real path in params.yaml.
+    """
     profile = profile or raw.get("profile")
     if profile not in PROFILES:
         raise ParamsError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
@@ -51,7 +57,12 @@ def stage_section(raw: dict[str, Any], stage: str, profile: str | None = None) -
         raise ParamsError(
             f"unknown profile 'profiles.{unknown[0]}' (allowed: {', '.join(PROFILES)})"
         )
-    own = (profiles.get(profile) or {}).get(stage) or {}
+    if not isinstance(profiles, dict):
+        raise ParamsError("'profiles' must be a mapping")
+    prof = profiles.get(profile) or {}
+    if not isinstance(prof, dict):
+        raise ParamsError(f"'profiles.{profile}' must be a mapping")
+    own = prof.get(stage) or {}
     for name, section in ((stage, shared), (f"profiles.{profile}.{stage}", own)):
         if not isinstance(section, dict):
             raise ParamsError(f"'{name}' must be a mapping")
@@ -60,7 +71,8 @@ def stage_section(raw: dict[str, Any], stage: str, profile: str | None = None) -
         raise ParamsError(
             f"'{stage}.{both[0]}' is set both in '{stage}' and in 'profiles.{profile}'"
         )
-    return profile, {**shared, **own}
+    origins = {k: stage for k in shared} | {k: f"profiles.{profile}.{stage}" for k in own}
+    return profile, {**shared, **own}, origins
 
 
 def _check(value: Any, tp: Any, key: str) -> Any:
@@ -104,25 +116,39 @@ def _check(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported params type {tp} for {key}")
 
 
-def build(cls: type[T], data: dict[str, Any], where: str) -> T:
-    """Construct dataclass `cls` from `data`, strictly: every key known, present and typed."""
+def build(
+    cls: type[T], data: dict[str, Any], where: str, origins: dict[str, str] | None = None
+) -> T:
+    """Construct dataclass `cls` from `data`, strictly: every key known, present and typed.
+
+    where: the section's path in params.yaml; origins: per-key paths where they differ. The
+    object's `validate()` (if any) runs last and may read `self.key_path(name)`.
+    """
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
+    origins = origins or {}
+
+    def path(name: str) -> str:
+        return f"{origins.get(name, where)}.{name}"
+
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ParamsError(f"unknown key '{where}.{unknown[0]}' (allowed: {', '.join(fields)})")
+        raise ParamsError(f"unknown key '{path(unknown[0])}' (allowed: {', '.join(fields)})")
     values = {}
     for name, f in fields.items():
         if name not in data:
             if f.default is not dataclasses.MISSING:
                 continue
-            raise ParamsError(f"missing key '{where}.{name}'")
-        values[name] = _check(data[name], hints[name], f"{where}.{name}")
+            raise ParamsError(f"missing key '{path(name)}'")
+        values[name] = _check(data[name], hints[name], path(name))
     obj = cls(**values)
+    object.__setattr__(obj, "key_path", path)
     validate = getattr(obj, "validate", None)
     if validate is not None:
         try:
             validate()
+        except ParamsError:
+            raise
         except ValueError as exc:
             raise ParamsError(f"{where}: {exc}") from None
     return obj
@@ -132,5 +158,5 @@ def load_stage(
     path: str | Path, stage: str, cls: type[T], profile: str | None = None
 ) -> tuple[str, T]:
     """Read params.yaml and return (profile, typed params of `stage`)."""
-    profile, section = stage_section(load_yaml(path), stage, profile)
-    return profile, build(cls, section, stage)
+    profile, section, origins = stage_section(load_yaml(path), stage, profile)
+    return profile, build(cls, section, stage, origins)

@@ -102,8 +102,9 @@ def best_cells(df: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
     return sub.loc[idx].reset_index(drop=True)
 
 
-def _panel_grid(df: pd.DataFrame, methods: Sequence[str], rows: list[str],
-                cols: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _panel_grid(
+    df: pd.DataFrame, methods: Sequence[str], rows: list[str], cols: list[int]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rmse, budget_capped) target x N grids for one panel; NaN where not run."""
     cells = best_cells(df, methods)
     rmse = pd.DataFrame(np.nan, index=rows, columns=cols)
@@ -140,32 +141,72 @@ def recovery_figure(df: pd.DataFrame, path: Path) -> None:
     fig_w = len(RECOVERY_PANELS) * panel_w + 2.6
     fig_h = 0.42 * nrow + 2.2
     fig, axes = plt.subplots(
-        1, len(RECOVERY_PANELS) + 1, figsize=(fig_w, fig_h),
-        gridspec_kw={"width_ratios": [panel_w] * len(RECOVERY_PANELS) + [0.18],
-                     "left": 1.25 / fig_w, "right": 1 - 0.75 / fig_w,
-                     "top": 1 - 1.05 / fig_h, "bottom": 0.6 / fig_h, "wspace": 0.08})
+        1,
+        len(RECOVERY_PANELS) + 1,
+        figsize=(fig_w, fig_h),
+        gridspec_kw={
+            "width_ratios": [panel_w] * len(RECOVERY_PANELS) + [0.18],
+            "left": 1.25 / fig_w,
+            "right": 1 - 0.75 / fig_w,
+            "top": 1 - 1.05 / fig_h,
+            "bottom": 0.6 / fig_h,
+            "wspace": 0.08,
+        },
+    )
     font = 7.5 if ncol > 6 else 8.5
     any_capped = False
     for i, (ax, (title, rmse, capped)) in enumerate(zip(axes[:-1], grids, strict=True)):
         logs = np.log10(rmse.clip(lower=_RMSE_FLOOR))
-        sns.heatmap(logs, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, cbar=False,
-                    linewidths=0.6, linecolor="white", square=False)
+        sns.heatmap(
+            logs,
+            ax=ax,
+            cmap=cmap,
+            vmin=vmin,
+            vmax=vmax,
+            cbar=False,
+            linewidths=0.6,
+            linecolor="white",
+            square=False,
+        )
         ax.set_facecolor("#d9d9d9")
         for (yi, t), (xi, n) in ((a, b) for a in enumerate(rows) for b in enumerate(cols)):
             v = rmse.loc[t, n]
             if not math.isfinite(v):
-                ax.text(xi + 0.5, yi + 0.5, "not run", ha="center", va="center",
-                        fontsize=font - 1.5, color="#707070", style="italic")
+                ax.text(
+                    xi + 0.5,
+                    yi + 0.5,
+                    "not run",
+                    ha="center",
+                    va="center",
+                    fontsize=font - 1.5,
+                    color="#707070",
+                    style="italic",
+                )
                 continue
             ok = v <= paper.RMSE_THRESHOLD
             label = short_sci(v) + ("*" if capped.loc[t, n] else "")
             any_capped |= bool(capped.loc[t, n])
-            ax.text(xi + 0.5, yi + 0.5, label, ha="center", va="center", fontsize=font,
-                    fontweight="bold" if ok else "normal",
-                    color=_text_colour(cmap(norm(math.log10(max(v, _RMSE_FLOOR))))))
+            ax.text(
+                xi + 0.5,
+                yi + 0.5,
+                label,
+                ha="center",
+                va="center",
+                fontsize=font,
+                fontweight="bold" if ok else "normal",
+                color=_text_colour(cmap(norm(math.log10(max(v, _RMSE_FLOOR))))),
+            )
             if ok:
-                ax.add_patch(Rectangle((xi + 0.06, yi + 0.06), 0.88, 0.88, fill=False,
-                                       edgecolor="#ff7f0e", linewidth=1.4))
+                ax.add_patch(
+                    Rectangle(
+                        (xi + 0.06, yi + 0.06),
+                        0.88,
+                        0.88,
+                        fill=False,
+                        edgecolor="#ff7f0e",
+                        linewidth=1.4,
+                    )
+                )
         ax.set_title(title, fontsize=10.5)
         ax.set_xlabel("N", fontsize=9)
         ax.set_xticklabels([str(n) for n in cols], rotation=0, fontsize=8)
@@ -180,14 +221,19 @@ def recovery_figure(df: pd.DataFrame, path: Path) -> None:
     cbar.set_label("log10 RMSE", fontsize=9)
     cbar.ax.tick_params(labelsize=8)
 
-    fig.suptitle(f"Transform recovery: RMSE of the best factorization per target and N"
-                 f"   (profile: {_profiles(df)})", fontsize=12, y=1 - 0.22 / fig_h)
-    note = (f"bold, boxed = recovered (RMSE <= {short_sci(paper.RMSE_THRESHOLD)});  "
-            "grey = not run;  one colour scale for all panels")
+    fig.suptitle(
+        f"Transform recovery: RMSE of the best factorization per target and N"
+        f"   (profile: {_profiles(df)})",
+        fontsize=12,
+        y=1 - 0.22 / fig_h,
+    )
+    note = (
+        f"bold, boxed = recovered (RMSE <= {short_sci(paper.RMSE_THRESHOLD)});  "
+        "grey = not run;  one colour scale for all panels"
+    )
     if any_capped:
         note += ";  * = search stopped by the budget cap"
-    fig.text(0.5, 1 - 0.58 / fig_h, note, ha="center", va="center", fontsize=9,
-             color="#333333")
+    fig.text(0.5, 1 - 0.58 / fig_h, note, ha="center", va="center", fontsize=9, color="#333333")
     _save_figure(fig, Path(path))
 
 
@@ -272,8 +318,12 @@ def recovery_markdown(df: pd.DataFrame) -> str:
     verdicts = recovery_verdicts(df).set_index("target")
     cols = sorted(df["n"].unique().tolist())
     head = ["target", "model", *[f"N={n}" for n in cols], "paper", "verdict"]
-    lines = [f"Transform recovery, learned butterfly (profile: {_profiles(df)})", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"Transform recovery, learned butterfly (profile: {_profiles(df)})",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for t in _target_order(df):
         mine = cells[cells["target"] == t].set_index("n")
         models = sorted({str(m) for m in mine.get("model", mine["method"]).dropna()})
@@ -292,8 +342,10 @@ def recovery_markdown(df: pd.DataFrame) -> str:
         lines.append("| " + " | ".join(row) + " |")
 
     hits = sum(
-        1 for r in cells.itertuples(index=False)
-        if r.target in paper.STRUCTURED_TARGETS and r.rmse <= paper.RMSE_THRESHOLD)
+        1
+        for r in cells.itertuples(index=False)
+        if r.target in paper.STRUCTURED_TARGETS and r.rmse <= paper.RMSE_THRESHOLD
+    )
     measured = int(cells["target"].isin(paper.STRUCTURED_TARGETS).sum())
     p_hits, p_total = paper.paper_recovered_count()
     lines += [

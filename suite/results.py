@@ -13,13 +13,34 @@ from typing import Any
 import pandas as pd
 
 RECOVERY_COLUMNS: tuple[str, ...] = (
-    "target", "n", "method", "model", "rmse", "recovered", "trials", "steps", "seconds",
-    "budget_capped", "profile", "run_id", "env_id", "commit",
+    "target",
+    "n",
+    "method",
+    "model",
+    "rmse",
+    "recovered",
+    "trials",
+    "steps",
+    "seconds",
+    "budget_capped",
+    "profile",
+    "run_id",
+    "env_id",
+    "commit",
 )
 """Required columns of reports/recovery.csv; one row per (target, n, method, model)."""
 
 KEY_COLUMNS: tuple[str, ...] = (
-    "stage", "target", "n", "method", "model", "device", "provider", "case", "dtype", "batch",
+    "stage",
+    "target",
+    "n",
+    "method",
+    "model",
+    "device",
+    "provider",
+    "case",
+    "dtype",
+    "batch",
 )
 """Columns that identify a cell; when required, write_table refuses nulls in them."""
 

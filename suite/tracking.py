@@ -124,7 +124,7 @@ def _artifact_location(uri: str, stage: str) -> str | None:
     """Artifacts of a sqlite store live beside the db file, not in the current directory."""
     if not uri.startswith("sqlite:///"):
         return None
-    db = Path(uri[len("sqlite:///"):])
+    db = Path(uri[len("sqlite:///") :])
     return (db.parent.resolve() / "mlartifacts" / stage).as_uri()
 
 
@@ -150,16 +150,21 @@ def _experiment_id(client: MlflowClient, stage: str) -> str:
 class StageRun:
     """A live parent run: log to it, and add one finished child run per measured cell."""
 
-    def __init__(self, client: MlflowClient, experiment_id: str, run_id: str,
-                 tags: dict[str, str]) -> None:
+    def __init__(
+        self, client: MlflowClient, experiment_id: str, run_id: str, tags: dict[str, str]
+    ) -> None:
         self.client = client
         self.experiment_id = experiment_id
         self.run_id = run_id
         self._tags = tags
 
-    def _log(self, run_id: str, params: Mapping[str, Any] | None = None,
-             metrics: Mapping[str, Any] | None = None,
-             tags: Mapping[str, Any] | None = None) -> None:
+    def _log(
+        self,
+        run_id: str,
+        params: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> None:
         """Log params, metrics and tags in batches of at most BATCH entities each."""
         from mlflow.entities import Metric, Param, RunTag
 
@@ -168,8 +173,13 @@ class StageRun:
         ts = [RunTag(k, v) for k, v in to_tags(tags or {}).items()]
         ms = [Metric(k, v, now, 0) for k, v in to_metrics(metrics or {}).items()]
         for i in range(0, max(len(ps), len(ts), len(ms)), BATCH):
-            self.client.log_batch(run_id, metrics=ms[i:i + BATCH], params=ps[i:i + BATCH],
-                                  tags=ts[i:i + BATCH], synchronous=True)
+            self.client.log_batch(
+                run_id,
+                metrics=ms[i : i + BATCH],
+                params=ps[i : i + BATCH],
+                tags=ts[i : i + BATCH],
+                synchronous=True,
+            )
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log (flattened) params on the parent run."""
@@ -187,8 +197,14 @@ class StageRun:
         """Upload one file to the parent run's artifacts."""
         self.client.log_artifact(self.run_id, str(path))
 
-    def child(self, name: str, params: Mapping[str, Any], metrics: Mapping[str, Any],
-              tags: Mapping[str, Any], artifacts: Sequence[str | os.PathLike[str]] = ()) -> str:
+    def child(
+        self,
+        name: str,
+        params: Mapping[str, Any],
+        metrics: Mapping[str, Any],
+        tags: Mapping[str, Any],
+        artifacts: Sequence[str | os.PathLike[str]] = (),
+    ) -> str:
         """Create a nested run, log everything, end it FINISHED; return its run id.
 
         The child inherits the parent's tags (commit, profile, device...); tags override them.
@@ -216,8 +232,9 @@ def _status(exc: BaseException) -> str:
 
 
 @contextmanager
-def stage_run(stage: str, run_name: str, params: Mapping[str, Any],
-              tags: Mapping[str, Any]) -> Iterator[StageRun]:
+def stage_run(
+    stage: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any]
+) -> Iterator[StageRun]:
     """Parent run in experiment `stage`; FINISHED on success, FAILED on error, KILLED on ^C.
 
     Call configure() first. The run never stays RUNNING: it is terminated on every exit path.
@@ -244,6 +261,12 @@ def stage_run(stage: str, run_name: str, params: Mapping[str, Any],
 
 
 __all__ = [
-    "StageRun", "TrackingUnavailable", "configure", "flatten", "stage_run", "to_params",
-    "to_metrics", "to_tags",
+    "StageRun",
+    "TrackingUnavailable",
+    "configure",
+    "flatten",
+    "stage_run",
+    "to_params",
+    "to_metrics",
+    "to_tags",
 ]

@@ -15,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,8 @@ class SearchParams:
     threshold_mse: float  # 1e-8, i.e. RMSE 1e-4
     min_epochs: int  # Hyperband's smallest budget, in epochs
     reduction_factor: int  # Hyperband's eta
+    patience: int  # prune a trial whose best MSE stalls this many epochs (0: off, the paper)
+    min_delta_decades: float  # ... stalls = improves by less than this many decades
     cell_seconds: dict[int, float]  # n -> wall-clock cap of a cell (the paper has none)
     workers: int  # parallel trial processes on this machine
     seed: int  # sampler seed
@@ -63,9 +65,29 @@ class SearchParams:
     def validate(self) -> None:
         if not 0 < self.lr_min <= self.lr_max:
             raise ValueError("need 0 < lr_min <= lr_max")
-        for name in ("max_epochs", "epoch_steps", "polish_every", "workers", "min_epochs"):
+        for name in (
+            "max_epochs",
+            "epoch_steps",
+            "polish_every",
+            "workers",
+            "min_epochs",
+            "final_top",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        for name in ("polish_steps", "final_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.patience < 0 or self.min_delta_decades < 0:
+            raise ValueError("patience and min_delta_decades must be >= 0")
+        if self.reduction_factor < 2:
+            raise ValueError("reduction_factor must be >= 2")
+        if not self.threshold_mse > 0 or not self.polish_below > 0:
+            raise ValueError("threshold_mse and polish_below must be > 0")
+        if any(v < 1 for v in self.trials.values()):
+            raise ValueError("trials must be >= 1 for every n")
+        if any(v <= 0 for v in self.cell_seconds.values()):
+            raise ValueError("cell_seconds must be > 0 for every n")
         if not self.share_logits or not self.inits:
             raise ValueError("share_logits and inits need at least one choice")
         if any(i not in ("randn", "ortho") for i in self.inits):
@@ -73,13 +95,16 @@ class SearchParams:
 
     def trials_for(self, n: int) -> int:
         if n not in self.trials:
-            raise ValueError(f"no trial count for n={n} in trials {sorted(self.trials)}")
+            raise ValueError(f"'{self._key('trials')}' has no entry for n={n}")
         return self.trials[n]
 
     def seconds_for(self, n: int) -> float:
         if n not in self.cell_seconds:
-            raise ValueError(f"no cell_seconds for n={n} in {sorted(self.cell_seconds)}")
+            raise ValueError(f"'{self._key('cell_seconds')}' has no entry for n={n}")
         return self.cell_seconds[n]
+
+    def _key(self, name: str) -> str:
+        return getattr(self, "key_path", lambda k: f"recover.search.{k}")(name)
 
 
 @dataclass(frozen=True)
@@ -91,7 +116,6 @@ class RecoverParams:
     baselines: list[str]
     search: dict[str, Any]
     storage: str | None = None  # Optuna storage URL; None = a journal file in the work dir
-    _search: SearchParams | None = field(default=None, repr=False, compare=False)
 
     def validate(self) -> None:
         from suite.params import build  # typed sub-section; suite.params has no task imports
@@ -107,7 +131,8 @@ class RecoverParams:
             for n in ns:
                 if n < 8 or n & (n - 1):
                     raise ValueError(f"sizes.{t}: n must be a power of two >= 8, got {n}")
-        search = build(SearchParams, self.search, "recover.search")
+        key_path = getattr(self, "key_path", lambda name: f"recover.{name}")
+        search = build(SearchParams, self.search, key_path("search"))
         for ns in self.sizes.values():
             for n in ns:
                 search.trials_for(n), search.seconds_for(n)  # every n has a budget
@@ -116,10 +141,21 @@ class RecoverParams:
             raise ValueError(f"unknown baseline '{bad[0]}' (known: {', '.join(BASELINES)})")
         object.__setattr__(self, "_search", search)
 
+    def restricted(self, cells: list[tuple[str, int]]) -> RecoverParams:
+        """The same params on a sub-grid of (target, n) cells; any size with a budget is allowed."""
+        sizes: dict[str, list[int]] = {}
+        for t, n in cells:
+            sizes.setdefault(t, []).append(n)
+        out = replace(self, sizes=sizes)
+        object.__setattr__(out, "key_path", getattr(self, "key_path", lambda k: f"recover.{k}"))
+        out.validate()
+        return out
+
     @property
     def search_params(self) -> SearchParams:
-        assert self._search is not None, "call validate() first"
-        return self._search
+        search = getattr(self, "_search", None)
+        assert search is not None, "build RecoverParams with suite.params.build"
+        return search
 
 
 @dataclass
@@ -228,7 +264,8 @@ class _Objective:
                 polished, pvalue = polish(model, self.target, sp.polish_steps)
                 if pvalue < best:
                     best, best_state = pvalue, copy.deepcopy(polished.state_dict())
-            trial.report(best, epoch)
+            # pruners compare decades of MSE (a diverged trial reports +30)
+            trial.report(min(math.log10(max(best, 1e-30)), 30.0), epoch)
             if not math.isfinite(value) and not math.isfinite(best):
                 break  # diverged: nothing to gain from more epochs
             if best <= sp.threshold_mse:
@@ -262,6 +299,20 @@ def _stop_when_solved(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> N
         study.stop()
 
 
+def _pruner(sp: SearchParams) -> optuna.pruners.BasePruner:
+    """Hyperband (the paper's scheduler), optionally wrapped to also drop stalled trials."""
+    hyperband = optuna.pruners.HyperbandPruner(
+        min_resource=sp.min_epochs, max_resource=sp.max_epochs, reduction_factor=sp.reduction_factor
+    )
+    if sp.patience == 0:
+        return hyperband
+    with warnings.catch_warnings():  # PatientPruner is marked experimental since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.pruners.PatientPruner(
+            hyperband, patience=sp.patience, min_delta=sp.min_delta_decades
+        )
+
+
 def open_storage(url: str | None, work_dir: Path) -> optuna.storages.BaseStorage | str:
     """An Optuna storage: the given URL, or a journal file under work_dir (multi-process safe)."""
     if url:
@@ -290,12 +341,8 @@ def run_worker(
     study = optuna.load_study(
         study_name=study_name,
         storage=storage,
-        sampler=optuna.samplers.RandomSampler(seed=sp.seed * 1000 + worker + os.getpid() % 997),
-        pruner=optuna.pruners.HyperbandPruner(
-            min_resource=sp.min_epochs,
-            max_resource=sp.max_epochs,
-            reduction_factor=sp.reduction_factor,
-        ),
+        sampler=optuna.samplers.RandomSampler(seed=sp.seed * 1000 + worker),
+        pruner=_pruner(sp),
     )
     remaining = attrs["deadline"] - time.time()
     if remaining <= 0:
@@ -423,8 +470,9 @@ def _final_polish(
 
 
 def _last(t: optuna.trial.FrozenTrial) -> float:
+    """A pruned trial's last reported MSE (reports are log10 MSE)."""
     values = list(t.intermediate_values.values())
-    return values[-1] if values else float("inf")
+    return 10.0 ** values[-1] if values else float("inf")
 
 
 def baselines(target: torch.Tensor, which: list[str]) -> dict[str, float]:

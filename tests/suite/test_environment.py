@@ -30,8 +30,9 @@ def test_slugify(name: str, slug: str) -> None:
 
 
 def test_cpu_device_slug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(environment, "cpu_model",
-                        lambda: "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz")
+    monkeypatch.setattr(
+        environment, "cpu_model", lambda: "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"
+    )
     assert device_slug("cpu") == "cpu-intel-xeon-platinum-8375c"
 
 
@@ -42,8 +43,24 @@ def test_device_slug_is_clean() -> None:
 def test_fingerprint_keys() -> None:
     fp = fingerprint()
     keys = {
-        "commit", "git_dirty", "python", "torch", "triton", "numpy", "optuna", "mlflow", "dvc",
-        "pandas", "os", "cpu", "cpu_count", "torch_threads", "gpu", "cuda", "driver", "device",
+        "commit",
+        "git_dirty",
+        "python",
+        "torch",
+        "triton",
+        "numpy",
+        "optuna",
+        "mlflow",
+        "dvc",
+        "pandas",
+        "os",
+        "cpu",
+        "cpu_count",
+        "torch_threads",
+        "gpu",
+        "cuda",
+        "driver",
+        "device",
         "env_id",
     }
     assert keys <= fp.keys()

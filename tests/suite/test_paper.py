@@ -11,17 +11,34 @@ from suite import paper
 
 def test_recovery_grid_and_protocol() -> None:
     assert paper.TARGETS == (
-        "dft", "dct", "dst", "convolution", "hadamard", "hartley", "legendre", "randn")
+        "dft",
+        "dct",
+        "dst",
+        "convolution",
+        "hadamard",
+        "hartley",
+        "legendre",
+        "randn",
+    )
     assert paper.SIZES == (8, 16, 32, 64, 128, 256, 512, 1024)
     assert [paper.TRIALS_PER_N[n] for n in paper.SIZES] == [20, 20, 40, 60, 80, 160, 160, 320]
     assert paper.RMSE_THRESHOLD == 1e-4 and paper.MSE_THRESHOLD == 1e-8
     assert paper.RMSE_THRESHOLD**2 == pytest.approx(paper.MSE_THRESHOLD)
 
 
-@pytest.mark.parametrize(("target", "model"), [
-    ("dft", "bp"), ("hadamard", "bp"), ("hartley", "bp"), ("legendre", "bp"), ("randn", "bp"),
-    ("dct", "bpp"), ("dst", "bpp"), ("convolution", "bpbp"),
-])
+@pytest.mark.parametrize(
+    ("target", "model"),
+    [
+        ("dft", "bp"),
+        ("hadamard", "bp"),
+        ("hartley", "bp"),
+        ("legendre", "bp"),
+        ("randn", "bp"),
+        ("dct", "bpp"),
+        ("dst", "bpp"),
+        ("convolution", "bpbp"),
+    ],
+)
 def test_models(target: str, model: str) -> None:
     assert paper.paper_model(target) == model
 
@@ -59,7 +76,10 @@ def test_compression_table() -> None:
     gain = paper.abstract_claim("accuracy_gain_points").value
     assert bp.accuracy - un.accuracy == pytest.approx(gain, abs=0.005)
     assert {m for m, r in paper.COMPRESSION.items() if r.unverified} == {
-        "fastfood", "circulant", "lowrank"}
+        "fastfood",
+        "circulant",
+        "lowrank",
+    }
     n = paper.COMPRESSION_N
     assert paper.compression_factor(n) == pytest.approx(93.0, abs=0.05)  # circulant
     assert paper.compression_factor(3 * n) == pytest.approx(78.7, abs=0.05)  # Fastfood
@@ -85,6 +105,10 @@ def test_data_is_frozen_and_sourced() -> None:
         paper.RECOVERY["dft"].model = "bpbp"  # type: ignore[misc]
     with pytest.raises(TypeError):
         paper.RECOVERY["dft"] = paper.RECOVERY["randn"]  # type: ignore[index]
-    rows = [*paper.RECOVERY.values(), *paper.COMPRESSION.values(),
-            *paper.ABSTRACT_CLAIMS.values(), *paper.GPU_SPEEDUP.values()]
+    rows = [
+        *paper.RECOVERY.values(),
+        *paper.COMPRESSION.values(),
+        *paper.ABSTRACT_CLAIMS.values(),
+        *paper.GPU_SPEEDUP.values(),
+    ]
     assert all(r.source for r in rows)

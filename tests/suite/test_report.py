@@ -17,19 +17,41 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _df(cells: list[tuple[str, int, str, float]], profile: str = "test") -> pd.DataFrame:
     """TEST DATA, not measurements: rows (target, n, method, rmse) in the recovery schema."""
-    rows = [dict(target=t, n=n, method=m, model=m, rmse=r, recovered=r <= 1e-4, trials=1,
-                 steps=10, seconds=0.1, budget_capped=False, profile=profile, run_id="r0",
-                 env_id="e0", commit="c0") for t, n, m, r in cells]
+    rows = [
+        dict(
+            target=t,
+            n=n,
+            method=m,
+            model=m,
+            rmse=r,
+            recovered=r <= 1e-4,
+            trials=1,
+            steps=10,
+            seconds=0.1,
+            budget_capped=False,
+            profile=profile,
+            run_id="r0",
+            env_id="e0",
+            commit="c0",
+        )
+        for t, n, m, r in cells
+    ]
     return pd.DataFrame(rows)
 
 
 def _synthetic() -> pd.DataFrame:
     cells = []
     for n in (8, 16):
-        cells += [("dft", n, "bp", 3e-6), ("dct", n, "bpp", 2e-5), ("randn", n, "bp", 0.1),
-                  ("dft", n, "sparse", 0.3), ("dft", n, "lowrank", 0.05),
-                  ("dft", n, "sparse_lowrank", 0.05), ("dft", n, "hierarchical", 0.0),
-                  ("convolution", n, "bpbp", 0.02)]
+        cells += [
+            ("dft", n, "bp", 3e-6),
+            ("dct", n, "bpp", 2e-5),
+            ("randn", n, "bp", 0.1),
+            ("dft", n, "sparse", 0.3),
+            ("dft", n, "lowrank", 0.05),
+            ("dft", n, "sparse_lowrank", 0.05),
+            ("dft", n, "hierarchical", 0.0),
+            ("convolution", n, "bpbp", 0.02),
+        ]
     return _df(cells, profile="smoke")
 
 
@@ -73,26 +95,31 @@ def test_figure_failure_leaves_old_file(tmp_path: Path, monkeypatch) -> None:
 
 def test_missing_columns_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="rmse"):
-        report.recovery_figure(pd.DataFrame({"target": ["dft"], "n": [8], "method": ["bp"]}),
-                               tmp_path / "x.png")
+        report.recovery_figure(
+            pd.DataFrame({"target": ["dft"], "n": [8], "method": ["bp"]}), tmp_path / "x.png"
+        )
     assert not list(tmp_path.iterdir())
 
 
 def _verdicts(df: pd.DataFrame) -> dict[str, str]:
-    return dict(zip(*[report.recovery_verdicts(df)[c] for c in ("target", "verdict")],
-                    strict=True))
+    return dict(zip(*[report.recovery_verdicts(df)[c] for c in ("target", "verdict")], strict=True))
 
 
 def test_verdicts() -> None:
-    df = _df([
-        ("dft", 8, "bp", 1e-6), ("dft", 64, "bp", 3e-3),            # paper recovered 64
-        ("convolution", 512, "bpbp", 5e-5), ("convolution", 1024, "bpbp", 8e-5),
-        ("hadamard", 8, "bp", 1e-6), ("hadamard", 1024, "bp", 2e-5),
-        ("legendre", 8, "bp", 2e-2),
-        ("randn", 8, "bp", 1e-6),                                    # beyond the paper
-        ("dst", 8, "sparse", 0.1),                                   # baseline only
-        ("mine", 8, "bp", 1e-6),                                     # not a paper target
-    ])
+    df = _df(
+        [
+            ("dft", 8, "bp", 1e-6),
+            ("dft", 64, "bp", 3e-3),  # paper recovered 64
+            ("convolution", 512, "bpbp", 5e-5),
+            ("convolution", 1024, "bpbp", 8e-5),
+            ("hadamard", 8, "bp", 1e-6),
+            ("hadamard", 1024, "bp", 2e-5),
+            ("legendre", 8, "bp", 2e-2),
+            ("randn", 8, "bp", 1e-6),  # beyond the paper
+            ("dst", 8, "sparse", 0.1),  # baseline only
+            ("mine", 8, "bp", 1e-6),  # not a paper target
+        ]
+    )
     v = _verdicts(df)
     assert v["dft"] == "not reproduced"
     assert v["convolution"] == "exceeded"
@@ -104,8 +131,13 @@ def test_verdicts() -> None:
 
 
 def test_learned_cell_is_min_over_learned_methods() -> None:
-    df = _df([("convolution", 1024, "bpbp", 0.02), ("convolution", 1024, "bp", 5e-5),
-              ("convolution", 1024, "sparse", 1e-9)])  # baselines never count as learned
+    df = _df(
+        [
+            ("convolution", 1024, "bpbp", 0.02),
+            ("convolution", 1024, "bp", 5e-5),
+            ("convolution", 1024, "sparse", 1e-9),
+        ]
+    )  # baselines never count as learned
     assert _verdicts(df)["convolution"] == "exceeded"
     df = _df([("dft", 64, "sparse", 1e-9), ("dft", 64, "bp", 0.5)])
     assert _verdicts(df)["dft"] == "not reproduced"
@@ -125,9 +157,15 @@ def test_markdown_table() -> None:
     assert "4 of 6 measured (paper: 47 of 48)" in md
 
 
-@pytest.mark.parametrize(("x", "digits", "s"), [
-    (3.2e-6, 1, "3e-6"), (0.019, 2, "1.9e-2"), (1e-4, 2, "1e-4"), (0.0, 1, "0"),
-    (float("nan"), 1, ""),
-])
+@pytest.mark.parametrize(
+    ("x", "digits", "s"),
+    [
+        (3.2e-6, 1, "3e-6"),
+        (0.019, 2, "1.9e-2"),
+        (1e-4, 2, "1e-4"),
+        (0.0, 1, "0"),
+        (float("nan"), 1, ""),
+    ],
+)
 def test_short_sci(x: float, digits: int, s: str) -> None:
     assert report.short_sci(x, digits) == s

@@ -21,9 +21,20 @@ from suite.results import (
 
 def _row(**over: object) -> dict[str, object]:
     row: dict[str, object] = {
-        "target": "dft", "n": 8, "method": "bp", "model": "butterfly", "rmse": 1e-5,
-        "recovered": True, "trials": 4, "steps": 100, "seconds": 1.5, "budget_capped": False,
-        "profile": "smoke", "run_id": "abc", "env_id": "0123456789ab", "commit": "deadbeef",
+        "target": "dft",
+        "n": 8,
+        "method": "bp",
+        "model": "butterfly",
+        "rmse": 1e-5,
+        "recovered": True,
+        "trials": 4,
+        "steps": 100,
+        "seconds": 1.5,
+        "budget_capped": False,
+        "profile": "smoke",
+        "run_id": "abc",
+        "env_id": "0123456789ab",
+        "commit": "deadbeef",
     }
     row.update(over)
     return row

@@ -118,7 +118,9 @@ def test_default_uri_is_absolute_sqlite(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 def test_value_conversion() -> None:
     assert to_params({"a": {"b": 1, "c": (1, 2)}, "d": None}) == {
-        "a.b": "1", "a.c": "[1, 2]", "d": "None",
+        "a.b": "1",
+        "a.c": "[1, 2]",
+        "d": "None",
     }
     assert to_metrics({"x": True, "y": None, "z": {"w": 2}}) == {"x": 1.0, "z.w": 2.0}
     with pytest.raises(TypeError, match="'m'"):
