@@ -48,12 +48,19 @@ def cmd_recover(args: argparse.Namespace) -> int:
     factors_dir = Path(args.factors)
     work = Path(tempfile.mkdtemp(prefix="recover-", dir=_scratch()))
     uri = tracking.configure(Path.cwd())
-    tags = {"commit": fp["commit"], "profile": profile, "device": fp["device"], "stage": "recover"}
+    tags = {
+        "commit": fp["commit"],
+        "profile": profile,
+        "device": fp["device"],
+        "stage": "recover",
+        "env_id": fp["env_id"],
+    }
     rows: list[dict[str, Any]] = []
     run_name = f"recover-{profile}{'-only' if args.only else ''}-{fp['commit'][:8]}"
     _log(f"[recover] profile={profile} tracking={uri} work={work}")
     t0 = time.time()
-    with tracking.stage_run("recover", run_name, {"profile": profile, **_plain(p)}, tags) as run:
+    run_params = {"profile": profile, **_plain(p), "env": fp}
+    with tracking.stage_run("recover", run_name, run_params, tags) as run:
         for rec in run_grid(p, work, log=_log):
             factors = rec.pop("factors")
             best = rec.pop("best_params")
@@ -92,8 +99,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
             "profile": profile,
         }
         results.atomic_write_json(Path(args.metrics), metrics)
+        results.atomic_write_json(Path(args.environment), fp)
         run.log_metrics({k: v for k, v in metrics.items() if k != "profile"})
-        for path in (out_csv, out_fig):
+        for path in (out_csv, out_fig, Path(args.environment)):
             run.log_artifact(path)
     _replace_dir(work / "factors", factors_dir)
     shutil.rmtree(work, ignore_errors=True)
@@ -230,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--figure", default="reports/figures/recovery.png")
     rec.add_argument("--summary", default="reports/recovery.md")
     rec.add_argument("--metrics", default="reports/recovery_metrics.json")
+    rec.add_argument(
+        "--environment",
+        default="reports/recovery_environment.json",
+        help="the fingerprint (commit, versions, CPU/GPU) every row's env_id points to",
+    )
     rec.add_argument("--factors", default="outputs/recover/factors")
     rec.set_defaults(func=cmd_recover)
     wrk = sub.add_parser("recover-worker", help="join a recovery cell's study (shared storage)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -50,7 +51,7 @@ def test_dvc_repro_recover_smoke(tmp_path: Path) -> None:
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-qm", "copy"], cwd=repo, check=True)
     store = tmp_path / "mlflow.db"
-    env = {
+    proc_env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "MLFLOW_TRACKING_URI": f"sqlite:///{store}",
@@ -59,7 +60,12 @@ def test_dvc_repro_recover_smoke(tmp_path: Path) -> None:
     }
     dvc = [str(Path(sys.executable).parent / "dvc")]
     proc = subprocess.run(
-        [*dvc, "repro", "recover"], cwd=repo, env=env, capture_output=True, text=True, timeout=900
+        [*dvc, "repro", "recover"],
+        cwd=repo,
+        env=proc_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -77,7 +83,11 @@ def test_dvc_repro_recover_smoke(tmp_path: Path) -> None:
     assert png.startswith(b"\x89PNG")
     assert (repo / "outputs" / "recover" / "factors" / "dft-8-bp.pt").is_file()
     assert (repo / "dvc.lock").is_file()
-    status = subprocess.run([*dvc, "status"], cwd=repo, env=env, capture_output=True, text=True)
+    env = json.loads((repo / "reports" / "recovery_environment.json").read_text())
+    assert env["env_id"] == df.env_id.iloc[0] and env["torch"] and env["cpu"]
+    status = subprocess.run(
+        [*dvc, "status"], cwd=repo, env=proc_env, capture_output=True, text=True
+    )
     assert "up to date" in status.stdout, status.stdout
 
     mlflow.set_tracking_uri(f"sqlite:///{store}")
