@@ -16,7 +16,6 @@ import contextlib
 import copy
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -299,18 +298,37 @@ def _stop_when_solved(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> N
         study.stop()
 
 
+class StalledOrHyperband(optuna.pruners.BasePruner):
+    """Prune when Hyperband says so, or when the trial has stalled on its own.
+
+    Stalled: the reported best log10 MSE improved by less than `min_delta` decades over the
+    last `patience` epochs. (Optuna's PatientPruner prunes only on getting worse, and only when
+    the wrapped pruner agrees; with a few concurrent trials Hyperband has no rung to compare.)
+    """
+
+    def __init__(self, hyperband: optuna.pruners.HyperbandPruner, patience: int, min_delta: float):
+        self.hyperband, self.patience, self.min_delta = hyperband, patience, min_delta
+
+    def stalled(self, trial: optuna.trial.FrozenTrial) -> bool:
+        values = [trial.intermediate_values[s] for s in sorted(trial.intermediate_values)]
+        if len(values) <= self.patience:
+            return False
+        return values[-1 - self.patience] - values[-1] < self.min_delta
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return self.stalled(trial) or self.hyperband.prune(study, trial)
+
+
 def _pruner(sp: SearchParams) -> optuna.pruners.BasePruner:
-    """Hyperband (the paper's scheduler), optionally wrapped to also drop stalled trials."""
+    """Hyperband (the paper's scheduler), optionally also dropping stalled trials."""
     hyperband = optuna.pruners.HyperbandPruner(
         min_resource=sp.min_epochs, max_resource=sp.max_epochs, reduction_factor=sp.reduction_factor
     )
-    if sp.patience == 0:
-        return hyperband
-    with warnings.catch_warnings():  # PatientPruner is marked experimental since Optuna 2.8
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.pruners.PatientPruner(
-            hyperband, patience=sp.patience, min_delta=sp.min_delta_decades
-        )
+    return (
+        hyperband
+        if sp.patience == 0
+        else StalledOrHyperband(hyperband, sp.patience, sp.min_delta_decades)
+    )
 
 
 def open_storage(url: str | None, work_dir: Path) -> optuna.storages.BaseStorage | str:

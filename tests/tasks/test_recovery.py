@@ -113,3 +113,22 @@ def test_study_is_self_describing(smoke: RecoverParams, tmp_path: Path) -> None:
     attrs = summary.user_attrs
     assert attrs["target"] == "dft" and attrs["n"] == 8 and attrs["model"] == "bp"
     assert attrs["search"]["epoch_steps"] == smoke.search_params.epoch_steps
+
+
+def test_stalled_trial_is_pruned_without_a_population() -> None:
+    """A lone trial whose log-MSE stops improving is pruned (Hyperband alone would not)."""
+    from tasks.recovery import StalledOrHyperband
+
+    hyperband = optuna.pruners.HyperbandPruner(min_resource=2, max_resource=30, reduction_factor=3)
+    pruner = StalledOrHyperband(hyperband, patience=3, min_delta=0.1)
+    study = optuna.create_study(pruner=pruner)
+    stalled = study.ask()
+    improving = study.ask()
+    decisions_stalled, decisions_improving = [], []
+    for epoch in range(1, 9):
+        stalled.report(-2.0, epoch)  # flat at MSE 1e-2
+        improving.report(-1.0 - 0.5 * epoch, epoch)  # half a decade per epoch
+        decisions_stalled.append(stalled.should_prune())
+        decisions_improving.append(improving.should_prune())
+    assert not any(decisions_stalled[:3]) and decisions_stalled[3]  # pruned at epoch 4
+    assert not any(decisions_improving)
