@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine (see README.md):
-#   make repro   create .venv, install the pinned stack, run `dvc repro` (default profile)
+#   make repro   create .venv, install the pinned stack, fetch CIFAR-10 into data/ (data.dvc),
+#                run `dvc repro` (default profile)
 #   make test    create .venv, install the pinned stack, run ruff and the tests
 PYTHON ?= python3
 VENV := .venv
@@ -18,6 +19,7 @@ $(BIN)/suite: pyproject.toml
 venv: $(BIN)/suite
 
 repro: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/suite fetch-data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 lint: venv
