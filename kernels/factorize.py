@@ -93,3 +93,47 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b||_F / ||b||_F, computed in float64/complex128."""
     a64, b64 = _as_64(a), _as_64(b)
     return float(torch.linalg.norm(a64 - b64) / torch.linalg.norm(b64))
+
+
+@torch.no_grad()
+def monarch_projection(matrix: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Frobenius-closest Monarch matrix P^T L P R to matrix (n, n): returns (L, R).
+
+    Layout (kernels.structured.monarch): b = block_size divides n, nb = n / b; L, R (nb, b, b)
+    and W[s nb + l, k b + p] = sum over intermediates j = k b + q = r nb + l of
+    L[l, s, r] R[k, q, p]. Each parameter row R[k, q, :] and column L[l, :, r] belongs to
+    exactly one j, and the j sharing a block pair (l, k) touch only the b x b submatrix
+    W[s nb + l, k b + p] (s, p < b); other entries of W cannot be represented. So the problem
+    splits into independent blocks, each a best rank-t fit with t = max(1, b / nb) (the number
+    of j per pair): a truncated SVD per block (Eckart-Young), the singular values split as
+    sqrt on both sides (Dao et al. 2022, Thm. 3.3 for b = sqrt(n)). Exact (to rounding) for a
+    Monarch matrix; computed in float64/complex128, returned in the input's dtype and device.
+    """
+    n = _square(matrix)
+    b = block_size
+    if b < 1 or n % b:
+        raise ValueError(f"block size must divide n = {n}, got {b}")
+    nb = n // b
+    t = max(1, b // nb)
+    if b % nb and nb % b:
+        raise ValueError(f"block size {b} and n / block size {nb} must divide one another")
+    m = _as_64(matrix)
+    j = torch.arange(n)
+    l_of, r_of, k_of, q_of = j % nb, j // nb, j // b, j % b
+    groups = j[torch.argsort(l_of * nb + k_of, stable=True)].view(-1, t)  # t j's per (l, k)
+    lg, kg = l_of[groups[:, 0]], k_of[groups[:, 0]]
+    rows = torch.arange(b)[None, :] * nb + lg[:, None]  # outputs s nb + l
+    cols = kg[:, None] * b + torch.arange(b)[None, :]  # inputs k b + p
+    u, s, vh = torch.linalg.svd(m[rows[:, :, None], cols[:, None, :]])  # (groups, b, b)
+    root = s[:, :t].sqrt().to(u.dtype)
+    left_cols = (u[:, :, :t] * root[:, None, :]).transpose(1, 2).reshape(-1, b)  # per j
+    right_rows = (vh[:, :t, :] * root[:, :, None]).reshape(-1, b)
+    flat = groups.reshape(-1)
+    left = torch.zeros(nb, b, b, dtype=m.dtype)
+    right = torch.zeros(nb, b, b, dtype=m.dtype)
+    left[l_of[flat], :, r_of[flat]] = left_cols
+    right[k_of[flat], q_of[flat], :] = right_rows
+    return (
+        left.to(dtype=matrix.dtype, device=matrix.device),
+        right.to(dtype=matrix.dtype, device=matrix.device),
+    )
