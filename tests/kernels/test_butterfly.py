@@ -135,3 +135,24 @@ def test_stack_rejects_bad_sizes(bad: int) -> None:
 def test_stack_rejects_unknown_model() -> None:
     with pytest.raises(ValueError, match="model must be one of"):
         ButterflyStack(8, "bpbpbp")
+
+
+def test_eval_forward_uses_a_plan_that_follows_weight_updates() -> None:
+    import copy
+
+    gen = torch.Generator().manual_seed(3)
+    layer = Butterfly(64, 64, bias=True, tied=True, init="ortho", generator=gen)
+    x = torch.randn(5, 64, generator=gen)
+    want = layer(x).detach()
+    layer.eval()
+    with torch.no_grad():
+        got = layer(x)
+    assert layer._plan is not None  # the compiled (or vectorised) CPU path ran
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.twiddle.mul_(2.0)  # an in-place update bumps the version counter
+        torch.testing.assert_close(layer(x), 2 ** 6 * (want - layer.bias) + layer.bias)
+    clone = copy.deepcopy(layer)
+    assert clone._plan is None
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), layer(x))
