@@ -17,7 +17,16 @@ from typing import Any
 
 import pandas as pd
 
-from suite import environment, params, report, results, tracking
+from suite import (
+    environment,
+    params,
+    report,
+    results,
+    stage_compress,
+    stage_data,
+    stage_speed,
+    tracking,
+)
 
 
 def _log(msg: str) -> None:
@@ -251,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     wrk.add_argument("--work-dir", default=".suite-tmp/worker")
     wrk.add_argument("--worker", type=int, default=0)
     wrk.set_defaults(func=cmd_recover_worker)
+    stage_data.add_parsers(sub)
+    stage_compress.add_parsers(sub)
+    stage_speed.add_parsers(sub)
     return parser
 
 

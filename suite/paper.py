@@ -219,6 +219,34 @@ def compression_row(method: str) -> CompressionRow | None:
     return COMPRESSION.get(method)
 
 
+PAPER_METHOD: Mapping[str, str] = _frozen(
+    {
+        "dense": "unconstrained",
+        "bpbp_complex": "bpbp_complex",
+        "bpbp_real": "bpbp_real",
+        "ldr_td_r1": "ldr_td",
+        "toeplitz_r4": "toeplitz_like",
+        "fastfood": "fastfood",
+        "circulant": "circulant",
+        "lowrank_r4": "lowrank",
+    }
+)
+"""Our method names (kernels.structured) -> the paper's row in COMPRESSION."""
+
+
+def compression_row_for(method: str) -> CompressionRow | None:
+    """The paper's row for one of our method names, or None if the paper has none."""
+    key = PAPER_METHOD.get(method)
+    return COMPRESSION.get(key) if key else None
+
+
+def hidden_params_from_cf(
+    cf: float, n: int = COMPRESSION_N, classes: int = COMPRESSION_CLASSES
+) -> float:
+    """Invert CF = N^2 / (P + classes N + classes) to P (the paper reports CF, not P)."""
+    return n * n / cf - classes * n - classes
+
+
 def compression_factor(
     hidden_params: int, n: int = COMPRESSION_N, classes: int = COMPRESSION_CLASSES
 ) -> float:

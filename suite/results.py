@@ -30,6 +30,39 @@ RECOVERY_COLUMNS: tuple[str, ...] = (
 )
 """Required columns of reports/recovery.csv; one row per (target, n, method, model)."""
 
+COMPRESSION_COLUMNS: tuple[str, ...] = (
+    "method",
+    "seed",
+    "hidden_params",
+    "total_params",
+    "compression_factor",
+    "val_accuracy",
+    "test_accuracy",
+    "projected_val_accuracy",
+    "lr",
+    "epochs",
+    "best_epoch",
+    "diverged",
+    "budget_capped",
+    "seconds",
+    "latency_hidden_b1_ms",
+    "latency_hidden_b256_ms",
+    "latency_net_b1_ms",
+    "latency_net_b256_ms",
+    "latency_threads",
+    "n_train",
+    "n_val",
+    "n_test",
+    "data_source",
+    "data_sha256",
+    "device",
+    "profile",
+    "run_id",
+    "env_id",
+    "commit",
+)
+"""Required columns of reports/compression.csv; one row per (method, seed)."""
+
 KEY_COLUMNS: tuple[str, ...] = (
     "stage",
     "target",
@@ -41,6 +74,7 @@ KEY_COLUMNS: tuple[str, ...] = (
     "case",
     "dtype",
     "batch",
+    "seed",
 )
 """Columns that identify a cell; when required, write_table refuses nulls in them."""
 

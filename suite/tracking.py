@@ -181,6 +181,19 @@ class StageRun:
                 synchronous=True,
             )
 
+    def _log_history(self, run_id: str, history: Sequence[Mapping[str, Any]]) -> None:
+        """Log step-indexed metrics (e.g. loss per epoch) so MLflow draws them as curves."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [
+            Metric(k, v, now, int(row["step"]))
+            for row in history
+            for k, v in to_metrics({k: v for k, v in row.items() if k != "step"}).items()
+        ]
+        for i in range(0, len(ms), 1000):  # MLflow's log_batch takes at most 1000 metrics
+            self.client.log_batch(run_id, metrics=ms[i : i + 1000], synchronous=True)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log (flattened) params on the parent run."""
         self._log(self.run_id, params=params)
@@ -204,10 +217,12 @@ class StageRun:
         metrics: Mapping[str, Any],
         tags: Mapping[str, Any],
         artifacts: Sequence[str | os.PathLike[str]] = (),
+        history: Sequence[Mapping[str, Any]] = (),
     ) -> str:
         """Create a nested run, log everything, end it FINISHED; return its run id.
 
         The child inherits the parent's tags (commit, profile, device...); tags override them.
+        history: per-step metrics (a learning curve), one mapping per step with a "step" key.
         """
         all_tags = {**self._tags, **to_tags(tags), "mlflow.parentRunId": self.run_id}
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -215,6 +230,7 @@ class StageRun:
         status = "FAILED"
         try:
             self._log(run_id, params=params, metrics=metrics)
+            self._log_history(run_id, history)
             for path in artifacts:
                 self.client.log_artifact(run_id, str(path))
             status = "FINISHED"

@@ -1,0 +1,212 @@
+"""`suite compress --method M` (one DVC stage per method) and `suite compress-report`.
+
+compress: params + outputs/cifar10 -> outputs/compress/<method>/ (rows.csv, curves.csv,
+seed<k>.pt, environment.json), written whole or not at all; an MLflow parent run per call with
+a child run per seed holding the learning curve. compress-report: every method's rows.csv ->
+reports/compression.csv, .md, metrics and the accuracy-against-parameters figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from suite import compression_report, environment, paper, params, results, tracking
+
+CURVE_COLUMNS = ("method", "seed", "lr", "epoch", "train_loss", "val_accuracy", "seconds")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def compress_params(path: str, profile: str | None):
+    from tasks.compression import CompressParams
+
+    return params.load_stage(path, "compress", CompressParams, profile)
+
+
+def _scratch(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Swap a finished folder into place; the old one goes only once the new one is whole."""
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        dst.rename(old)
+    src.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _row(rec: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    row = {k: v for k, v in rec.items() if k not in ("curve", "state", "lr_candidates")}
+    row["compression_factor"] = paper.compression_factor(int(rec["hidden_params"]))
+    return {**row, **extra}
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from tasks import cifar10
+    from tasks.compression import run_method
+
+    profile, p = compress_params(args.params, args.profile)
+    if args.method not in p.methods:
+        raise params.ParamsError(
+            f"method {args.method!r} is not in compress.methods ({', '.join(p.methods)})"
+        )
+    arrays, prov = cifar10.load(Path(args.data))
+    fp = environment.fingerprint()
+    out = Path(args.out or f"outputs/compress/{args.method}")
+    work = _scratch(out)
+    uri = tracking.configure(Path.cwd())
+    tags = {
+        "commit": fp["commit"],
+        "profile": profile,
+        "device": fp["device"],
+        "stage": "compress",
+        "env_id": fp["env_id"],
+        "method": args.method,
+        "data_sha256": prov["source_sha256"],
+        "data_source": prov["source_kind"],
+    }
+    run_name = f"compress-{args.method}-{profile}-{fp['commit'][:8]}"
+    _log(f"[compress] {args.method} profile={profile} tracking={uri}")
+    rows, curves = [], []
+    try:
+        with tracking.stage_run(
+            "compress", run_name, {"profile": profile, **asdict(p)}, tags
+        ) as run:
+            for rec in run_method(args.method, arrays, p, _log):
+                row = _row(
+                    rec,
+                    {
+                        "latency_threads": p.latency_threads,
+                        "data_source": f"{prov['source_kind']}:{prov['source_name']}",
+                        "data_sha256": prov["source_sha256"],
+                        "device": fp["device"],
+                        "profile": profile,
+                        "run_id": run.run_id,
+                        "env_id": fp["env_id"],
+                        "commit": fp["commit"],
+                    },
+                )
+                ckpt = work / f"seed{rec['seed']}.pt"
+                torch.save({"method": args.method, "state": rec["state"]}, ckpt)
+                for c in rec["curve"]:
+                    curves.append(
+                        {"method": args.method, "seed": rec["seed"], "lr": rec["lr"], **c}
+                    )
+                metrics = {
+                    k: row[k]
+                    for k in results.COMPRESSION_COLUMNS
+                    if isinstance(row.get(k), int | float) and k not in ("seed", "run_id")
+                }
+                run.child(
+                    f"{args.method}-seed{rec['seed']}",
+                    {
+                        "method": args.method,
+                        "seed": rec["seed"],
+                        "lr": rec["lr"],
+                        "lr_candidates": rec["lr_candidates"],
+                    },
+                    {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))},
+                    {"method": args.method, "seed": str(rec["seed"])},
+                    [ckpt],
+                    [
+                        {
+                            "step": c["epoch"],
+                            "train_loss": c["train_loss"],
+                            "val_accuracy": c["val_accuracy"],
+                        }
+                        for c in rec["curve"]
+                    ],
+                )
+                rows.append(row)
+            df = pd.DataFrame(rows)
+            results.write_table(df, work / "rows.csv", results.COMPRESSION_COLUMNS)
+            results.write_table(pd.DataFrame(curves), work / "curves.csv", CURVE_COLUMNS)
+            results.atomic_write_json(work / "environment.json", fp)
+            run.log_metrics(
+                {
+                    "test_accuracy": df.test_accuracy.mean(),
+                    "hidden_params": df.hidden_params.iloc[0],
+                }
+            )
+        _replace_dir(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    best = df.test_accuracy
+    _log(
+        f"[compress] {args.method}: test {best.mean():.2f}% over {len(df)} seed(s), "
+        f"{int(df.hidden_params.iloc[0])} hidden params -> {out}"
+    )
+    return 0
+
+
+def collect(runs: Path, methods: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The rows and curves of the configured methods; a missing method is an error."""
+    rows, curves = [], []
+    for method in methods:
+        folder = runs / method
+        rows.append(results.read_table(folder / "rows.csv", results.COMPRESSION_COLUMNS))
+        curves.append(results.read_table(folder / "curves.csv", CURVE_COLUMNS))
+    return pd.concat(rows, ignore_index=True), pd.concat(curves, ignore_index=True)
+
+
+def cmd_compress_report(args: argparse.Namespace) -> int:
+    profile, p = compress_params(args.params, args.profile)
+    df, curves = collect(Path(args.runs), p.methods)
+    results.write_table(df, Path(args.table), results.COMPRESSION_COLUMNS)
+    results.write_table(curves, Path(args.curves), CURVE_COLUMNS)
+    compression_report.figure(df, Path(args.figure))
+    results.atomic_write_text(Path(args.summary), compression_report.markdown(df))
+    metrics = compression_report.headline(df)
+    results.atomic_write_json(Path(args.metrics), {"profile": profile, **metrics})
+    uri = tracking.configure(Path.cwd())
+    fp = environment.fingerprint()
+    tags = {
+        "commit": fp["commit"],
+        "profile": profile,
+        "device": fp["device"],
+        "stage": "compress",
+        "env_id": fp["env_id"],
+    }
+    with tracking.stage_run(
+        "compress", f"compress-report-{profile}", {"profile": profile}, tags
+    ) as run:
+        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        for path in (args.table, args.figure, args.summary):
+            run.log_artifact(path)
+    _log(f"[compress-report] {len(df)} rows -> {args.table}, {args.figure} ({uri})")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    com = sub.add_parser("compress", help="CIFAR-10 single-hidden-layer compression, one method")
+    com.add_argument("--method", required=True)
+    com.add_argument("--params", default="params.yaml")
+    com.add_argument("--profile", choices=params.PROFILES, help="override params.yaml's profile")
+    com.add_argument("--data", default="outputs/cifar10")
+    com.add_argument("--out", help="default: outputs/compress/<method>")
+    com.set_defaults(func=cmd_compress)
+    rep = sub.add_parser("compress-report", help="all methods' rows -> table, figure, metrics")
+    rep.add_argument("--params", default="params.yaml")
+    rep.add_argument("--profile", choices=params.PROFILES, help="override params.yaml's profile")
+    rep.add_argument("--runs", default="outputs/compress")
+    rep.add_argument("--table", default="reports/compression.csv")
+    rep.add_argument("--curves", default="reports/compression_curves.csv")
+    rep.add_argument("--figure", default="reports/figures/compression.png")
+    rep.add_argument("--summary", default="reports/compression.md")
+    rep.add_argument("--metrics", default="reports/compression_metrics.json")
+    rep.set_defaults(func=cmd_compress_report)

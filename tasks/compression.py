@@ -1,0 +1,334 @@
+"""CIFAR-10 single-hidden-layer compression (PAPER.md section 3): train, evaluate, time.
+
+The network is x -> W x + b -> ReLU -> Linear(n, 10) with W the n x n layer under test
+(n = 1024: 32x32 grayscale pixels). Protocol: grayscale by channel average, per-feature
+standardisation with the statistics of the training part, a seeded validation split, Adam,
+early stopping on validation accuracy, test accuracy of the best-validation checkpoint.
+
+A task takes params and a `log` callback and returns records; it never touches MLflow or DVC.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kernels.structured import METHODS, make_layer
+
+N_FEATURES = 1024
+N_CLASSES = 10
+PROJECTED = {"dense_to_butterfly": "butterfly_untied", "dense_to_monarch": "monarch"}
+"""Train dense, project its hidden matrix onto a class in closed form, then fine-tune."""
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CompressParams:
+    """Knobs of the compress stage (params.yaml: compress + profiles.<p>.compress)."""
+
+    methods: list[str]
+    seeds: list[int]
+    lrs: list[float]
+    n_train: int | None = None
+    n_test: int | None = None
+    val_fraction: float = 0.15
+    split_seed: int = 0
+    batch_size: int = 256
+    max_epochs: int = 30
+    patience: int = 4
+    finetune_epochs: int = 10
+    max_seconds: float | None = None  # wall-clock cap per training run (checked each epoch)
+    threads: int = 2
+    latency_threads: int = 1
+    latency_repeats: int = 50
+
+    def validate(self) -> None:
+        allowed = set(METHODS) | set(PROJECTED)
+        for m in self.methods:
+            if m not in allowed:
+                raise ValueError(f"unknown method {m!r} (allowed: {', '.join(sorted(allowed))})")
+        if not self.seeds or not self.lrs:
+            raise ValueError("seeds and lrs must not be empty")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("batch_size", "max_epochs", "patience", "threads", "latency_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(lr <= 0 for lr in self.lrs):
+            raise ValueError(f"learning rates must be > 0, got {self.lrs}")
+
+
+@dataclass
+class Features:
+    """Standardised grayscale features: x (count, 1024) float32, y (count,) int64 per split."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    def counts(self) -> dict[str, int]:
+        return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
+
+
+def _subsample(y: np.ndarray, count: int | None, seed: int) -> np.ndarray:
+    """Indices of a class-stratified subsample of `count` items (all of them when None)."""
+    if count is None or count >= len(y):
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    per_class = max(1, count // N_CLASSES)
+    keep = [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in range(N_CLASSES)]
+    return np.sort(np.concatenate(keep))
+
+
+def grayscale(images: np.ndarray) -> np.ndarray:
+    """(count, 32, 32, 3) uint8 -> (count, 1024) float32, the channel average."""
+    return images.astype(np.float32).mean(axis=-1).reshape(len(images), -1)
+
+
+def make_features(arrays: dict[str, np.ndarray], p: CompressParams) -> Features:
+    """Grayscale, seeded validation split, standardisation with training-part statistics."""
+    tr = _subsample(arrays["y_train"], p.n_train, p.split_seed)
+    te = _subsample(arrays["y_test"], p.n_test, p.split_seed + 1)
+    x, y = grayscale(arrays["x_train"][tr]), arrays["y_train"][tr].astype(np.int64)
+    x_test, y_test = grayscale(arrays["x_test"][te]), arrays["y_test"][te].astype(np.int64)
+    order = np.random.default_rng(p.split_seed).permutation(len(y))
+    n_val = max(1, int(round(p.val_fraction * len(y))))
+    val, train = order[:n_val], order[n_val:]
+    mean = x[train].mean(axis=0)
+    std = x[train].std(axis=0) + 1e-6  # a constant pixel must not divide by zero
+
+    def norm(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((a - mean) / std).float()
+
+    return Features(
+        norm(x[train]),
+        torch.from_numpy(y[train]),
+        norm(x[val]),
+        torch.from_numpy(y[val]),
+        norm(x_test),
+        torch.from_numpy(y_test),
+    )
+
+
+class HiddenNet(nn.Module):
+    """x (batch, n) -> Linear(n, 10)(ReLU(W x + b)); W is the structured layer under test."""
+
+    def __init__(self, hidden: nn.Module, n: int = N_FEATURES, classes: int = N_CLASSES):
+        super().__init__()
+        self.hidden = hidden
+        self.bias = nn.Parameter(torch.zeros(n))
+        self.out = nn.Linear(n, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(x) + self.bias))
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> float:
+    """Percent of correct argmax predictions."""
+    net.eval()
+    correct = sum(
+        int((net(x[i : i + batch]).argmax(-1) == y[i : i + batch]).sum())
+        for i in range(0, len(y), batch)
+    )
+    return 100.0 * correct / max(1, len(y))
+
+
+@dataclass
+class Trained:
+    """Outcome of one training run: the best-validation state and the learning curve."""
+
+    state: dict[str, torch.Tensor]
+    val_accuracy: float
+    best_epoch: int
+    epochs: int
+    seconds: float
+    diverged: bool = False
+    capped: bool = False
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def train(
+    net: nn.Module,
+    f: Features,
+    lr: float,
+    epochs: int,
+    p: CompressParams,
+    seed: int,
+    log: Log,
+    label: str,
+) -> Trained:
+    """Adam with early stopping on validation accuracy; net ends at its best checkpoint."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    best = Trained(copy.deepcopy(net.state_dict()), accuracy(net, f.x_val, f.y_val), 0, 0, 0.0)
+    t0 = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        net.train()
+        order = torch.randperm(len(f.y_train), generator=gen)
+        total, count = 0.0, 0
+        for i in range(0, len(order), p.batch_size):
+            idx = order[i : i + p.batch_size]
+            loss = loss_fn(net(f.x_train[idx]), f.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, count = total + float(loss.detach()) * len(idx), count + len(idx)
+        train_loss = total / count
+        val = accuracy(net, f.x_val, f.y_val)
+        best.curve.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_accuracy": val,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        best.epochs = epoch
+        log(f"[compress] {label} epoch {epoch}: loss {train_loss:.4f} val {val:.2f}%")
+        if not math.isfinite(train_loss):
+            best.diverged = True
+            break
+        if val > best.val_accuracy or best.best_epoch == 0:
+            best.state, best.val_accuracy, best.best_epoch = (
+                copy.deepcopy(net.state_dict()),
+                val,
+                epoch,
+            )
+        elif epoch - best.best_epoch >= p.patience:
+            break
+        if p.max_seconds is not None and time.perf_counter() - t0 >= p.max_seconds:
+            best.capped = epoch < epochs
+            break
+    best.seconds = time.perf_counter() - t0
+    net.load_state_dict(best.state)
+    return best
+
+
+@torch.inference_mode()
+def latency_ms(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, repeats: int) -> float:
+    """Median wall time of fn(x) in milliseconds, after warm-up."""
+    for _ in range(max(3, repeats // 10)):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def measure_latency(net: HiddenNet, p: CompressParams, seed: int) -> dict[str, float]:
+    """Inference latency of the hidden layer and the whole net at batch 1 and 256."""
+    net.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(p.latency_threads)
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    try:
+        for batch in (1, 256):
+            x = torch.randn(batch, N_FEATURES, generator=gen)
+            reps = p.latency_repeats if batch == 1 else max(5, p.latency_repeats // 5)
+            out[f"latency_hidden_b{batch}_ms"] = latency_ms(net.hidden, x, reps)
+            out[f"latency_net_b{batch}_ms"] = latency_ms(net, x, reps)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _count(module: nn.Module) -> int:
+    return sum(t.numel() for t in module.parameters())
+
+
+def _fresh_net(method: str, seed: int) -> HiddenNet:
+    torch.manual_seed(seed)  # nn.Linear's init draws from the global generator
+    return HiddenNet(make_layer(method, N_FEATURES, torch.Generator().manual_seed(seed)))
+
+
+def _fit(method: str, f: Features, lr: float, seed: int, p: CompressParams, log: Log):
+    """Train one method at one lr and seed; projected methods pre-train dense first."""
+    label = f"{method} seed={seed} lr={lr:g}"
+    if method not in PROJECTED:
+        net = _fresh_net(method, seed)
+        return net, train(net, f, lr, p.max_epochs, p, seed, log, label), None
+    dense = _fresh_net("dense", seed)
+    pre = train(dense, f, lr, p.max_epochs, p, seed, log, f"{label} (dense phase)")
+    kind = make_layer(PROJECTED[method], N_FEATURES)
+    with torch.no_grad():
+        hidden = type(kind).from_matrix(dense.hidden.matrix().detach())
+    net = HiddenNet(hidden)
+    net.bias.data.copy_(dense.bias.data)
+    net.out.load_state_dict(dense.out.state_dict())
+    projected = accuracy(net, f.x_val, f.y_val)
+    log(f"[compress] {label}: dense val {pre.val_accuracy:.2f}% -> projected {projected:.2f}%")
+    fine = train(net, f, lr, p.finetune_epochs, p, seed + 1, log, f"{label} (fine-tune)")
+    fine.seconds += pre.seconds
+    fine.capped = fine.capped or pre.capped
+    fine.curve = pre.curve + [
+        {**c, "epoch": c["epoch"] + pre.epochs, "seconds": c["seconds"] + pre.seconds}
+        for c in fine.curve
+    ]
+    return net, fine, projected
+
+
+def run_method(
+    method: str, arrays: dict[str, np.ndarray], p: CompressParams, log: Log
+) -> list[dict[str, Any]]:
+    """Train `method` for every seed (after an lr search on validation if several lrs).
+
+    Returns one record per seed: accuracies, parameter counts, latency, learning curve and
+    the best-validation state dict (key "state").
+    """
+    torch.set_num_threads(p.threads)
+    f = make_features(arrays, p)
+    log(f"[compress] {method}: features {f.counts()}")
+    first = p.seeds[0]
+    runs: dict[float, tuple[HiddenNet, Trained, float | None]] = {}
+    for lr in p.lrs:
+        runs[lr] = _fit(method, f, lr, first, p, log)
+    lr = max(p.lrs, key=lambda r: (runs[r][1].val_accuracy, -r))
+    if len(p.lrs) > 1:
+        log(f"[compress] {method}: lr search picked {lr:g} on validation accuracy")
+    records = []
+    for seed in p.seeds:
+        net, trained, projected = runs[lr] if seed == first else _fit(method, f, lr, seed, p, log)
+        record: dict[str, Any] = {
+            "method": method,
+            "seed": seed,
+            "lr": lr,
+            "lr_candidates": list(p.lrs),
+            "hidden_params": _count(net.hidden),
+            "total_params": _count(net),
+            "val_accuracy": trained.val_accuracy,
+            "test_accuracy": accuracy(net, f.x_test, f.y_test),
+            "projected_val_accuracy": math.nan if projected is None else projected,
+            "epochs": trained.epochs,
+            "best_epoch": trained.best_epoch,
+            "diverged": trained.diverged,
+            "budget_capped": trained.capped,
+            "seconds": trained.seconds,
+            "curve": trained.curve,
+            "state": trained.state,
+            **{f"n_{k}": v for k, v in f.counts().items()},
+        }
+        record.update(measure_latency(net, p, seed))
+        log(
+            f"[compress] {method} seed={seed}: test {record['test_accuracy']:.2f}% "
+            f"(val {trained.val_accuracy:.2f}%), {record['hidden_params']} hidden params"
+        )
+        records.append(record)
+    return records

@@ -1,0 +1,121 @@
+"""End to end: fetch-data + `dvc repro compress-report` on the smoke profile in a repo copy.
+
+The data is a small synthetic image-folder archive (the real one is not in git), given through
+CIFAR10_SOURCE exactly as a user would point at their own file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from suite.results import COMPRESSION_COLUMNS
+from tasks.cifar10 import CLASSES
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_dvc_recover import _copy_repo  # noqa: E402
+
+pytestmark = pytest.mark.slow
+METHODS = [
+    "dense",
+    "lowrank_r1",
+    "bp_real",
+    "bpbp_complex_learned",
+    "monarch",
+    "dense_to_butterfly",
+]
+
+
+def image_folder_archive(path: Path, train: int, test: int, seed: int = 0) -> None:
+    """A tar.gz of random 32x32 PNGs laid out as train/<class>/*.png, test/<class>/*.png."""
+    rng = np.random.default_rng(seed)
+    with tarfile.open(path, "w:gz") as tar:
+        for split, count in (("train", train), ("test", test)):
+            for label, name in enumerate(CLASSES):
+                for i in range(count):
+                    # class-dependent brightness so that the tiny net has something to learn
+                    img = rng.integers(0, 100, (32, 32, 3)) + 15 * label
+                    buf = io.BytesIO()
+                    Image.fromarray(img.astype(np.uint8)).save(buf, format="PNG")
+                    info = tarfile.TarInfo(f"{split}/{name}/{i:04d}.png")
+                    info.size = buf.tell()
+                    buf.seek(0)
+                    tar.addfile(info, buf)
+
+
+def _run(cmd: list[str], repo: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_dvc_repro_compress_smoke(tmp_path: Path) -> None:
+    import mlflow
+
+    repo = tmp_path / "repo"
+    _copy_repo(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["profile"] = "smoke"
+    params["compress"]["methods"] = METHODS
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "dvc.lock").unlink(missing_ok=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=repo, check=True)
+    archive = tmp_path / "mini-cifar.tar.gz"
+    image_folder_archive(archive, train=12, test=4)
+    store = tmp_path / "mlflow.db"
+    bindir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{store}",
+        "CIFAR10_SOURCE": str(archive),
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    _run([str(bindir / "suite"), "fetch-data"], repo, env)
+    assert (repo / "data" / archive.name).is_file()
+    assert (
+        archive.name in (repo / "data.dvc").read_text() or "data" in (repo / "data.dvc").read_text()
+    )
+    _run([str(bindir / "dvc"), "repro", "compress-report"], repo, env)
+
+    prov = json.loads((repo / "reports" / "data_provenance.json").read_text())
+    assert prov["source_kind"] == "image-folder" and prov["n_train"] == 120
+    df = pd.read_csv(repo / "reports" / "compression.csv")
+    assert set(COMPRESSION_COLUMNS) <= set(df.columns)
+    assert list(df.method) == METHODS and (df.seed == 0).all()
+    assert (df.data_sha256 == prov["source_sha256"]).all()
+    dense = df[df.method == "dense"].iloc[0]
+    assert dense.hidden_params == 1024 * 1024
+    assert dense.compression_factor == pytest.approx(1024**2 / (1024**2 + 10 * 1024 + 10))
+    assert df.test_accuracy.between(0, 100).all() and (df.latency_hidden_b1_ms > 0).all()
+    assert (df.n_val == 18).all() and (df.n_train == 102).all()  # 15% of 120 held out
+    assert (repo / "reports" / "figures" / "compression.png").read_bytes()[:4] == b"\x89PNG"
+    metrics = json.loads((repo / "reports" / "compression_metrics.json").read_text())
+    assert metrics["profile"] == "smoke" and "gap_points" in metrics
+    assert (repo / "outputs" / "compress" / "bp_real" / "seed0.pt").is_file()
+    status = _run([str(bindir / "dvc"), "status", "--with-deps", "compress-report"], repo, env)
+    assert "up to date" in status.stdout, status.stdout
+
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    runs = mlflow.search_runs(experiment_names=["compress"], output_format="list")
+    assert all(r.info.status == "FINISHED" for r in runs)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.data.tags["method"] for r in children) == sorted(METHODS)
+    client = mlflow.MlflowClient()
+    curve = client.get_metric_history(children[0].info.run_id, "val_accuracy")
+    assert len(curve) >= 1 and curve[0].step == 1
