@@ -79,6 +79,10 @@ def _check(value: Any, tp: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ParamsError(f"'{key}' must be a mapping, got {value!r}")
+        return build(tp, value, key)  # a nested section: strict too, errors name its path
     if origin in (typing.Union, types.UnionType):
         for arg in args:
             try:

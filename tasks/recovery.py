@@ -113,12 +113,10 @@ class RecoverParams:
     models: dict[str, str]  # target -> bp | bpp | bpbp (the paper's choice per target)
     sizes: dict[str, list[int]]  # target -> the n to run
     baselines: list[str]
-    search: dict[str, Any]
+    search: SearchParams  # built (strictly, key by key) by suite.params.build
     storage: str | None = None  # Optuna storage URL; None = a journal file in the work dir
 
     def validate(self) -> None:
-        from suite.params import build  # typed sub-section; suite.params has no task imports
-
         for t, model in self.models.items():
             if t not in TARGETS:
                 raise ValueError(f"unknown target '{t}' (known: {', '.join(TARGETS)})")
@@ -130,15 +128,13 @@ class RecoverParams:
             for n in ns:
                 if n < 8 or n & (n - 1):
                     raise ValueError(f"sizes.{t}: n must be a power of two >= 8, got {n}")
-        key_path = getattr(self, "key_path", lambda name: f"recover.{name}")
-        search = build(SearchParams, self.search, key_path("search"))
+        search = self.search
         for ns in self.sizes.values():
             for n in ns:
                 search.trials_for(n), search.seconds_for(n)  # every n has a budget
         bad = sorted(set(self.baselines) - set(BASELINES))
         if bad:
             raise ValueError(f"unknown baseline '{bad[0]}' (known: {', '.join(BASELINES)})")
-        object.__setattr__(self, "_search", search)
 
     def restricted(self, cells: list[tuple[str, int]]) -> RecoverParams:
         """The same params on a sub-grid of (target, n) cells; any size with a budget is allowed."""
@@ -152,9 +148,7 @@ class RecoverParams:
 
     @property
     def search_params(self) -> SearchParams:
-        search = getattr(self, "_search", None)
-        assert search is not None, "build RecoverParams with suite.params.build"
-        return search
+        return self.search
 
 
 @dataclass
