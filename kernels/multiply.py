@@ -1,7 +1,7 @@
 """The one entry point for a butterfly multiply: picks the best available implementation.
 
-Today every device runs the vectorised torch path of kernels/reference.py (one einsum per
-factor); fused Triton kernels for CUDA tensors plug in here.
+CUDA tensors go to the fused Triton kernels (kernels/triton); every other device runs the
+vectorised torch path of kernels/reference.py (one einsum per factor).
 """
 
 from __future__ import annotations
@@ -18,4 +18,10 @@ def butterfly_multiply(
 
     twiddle: tied (nblocks, n-1, 2, 2) or untied (nblocks, m, n/2, 2, 2), real or complex.
     """
+    if x.is_cuda:
+        # imported lazily: Triton decides at import whether to interpret its kernels, and
+        # CPU-only callers should not pay for importing it
+        from kernels.triton import butterfly_multiply_triton
+
+        return butterfly_multiply_triton(twiddle, x, increasing_stride)
     return butterfly_multiply_reference(twiddle, x, increasing_stride)

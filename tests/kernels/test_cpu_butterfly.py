@@ -7,7 +7,6 @@ compiler is available; the torch fallback always runs.
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 import warnings
@@ -25,15 +24,6 @@ from kernels.reference import butterfly_multiply_reference, log2_exact
 
 SIZES = [1 << k for k in range(1, 14)]  # 2 .. 8192
 EPS32 = torch.finfo(torch.float32).eps
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    """A generator with a fresh seed, printed so that pytest shows it with a failure."""
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(os.urandom(8), "little") % 2**63)
-    print(f"generator seed {g.initial_seed()}")
-    return g
 
 
 @pytest.fixture(params=["c", "torch"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import pytest
@@ -20,15 +19,6 @@ from kernels.permutation import bit_reversal
 from kernels.reference import butterfly_dense, butterfly_multiply_reference
 
 DTYPES = [torch.float64, torch.complex128]
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    """A generator with a fresh seed, printed so that pytest shows it with a failure."""
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(os.urandom(8), "little") % 2**63)
-    print(f"generator seed {g.initial_seed()}")
-    return g
 
 
 def butterfly_matrix(tw: torch.Tensor) -> torch.Tensor:

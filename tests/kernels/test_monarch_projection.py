@@ -6,8 +6,6 @@ Monarch matrices are rebuilt here from their definition with explicit dense fact
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -17,15 +15,6 @@ from kernels.structured import Monarch
 F64 = torch.float64
 SHAPES = [(8, 8), (8, 4), (16, 4), (32, 8), (64, 8), (64, 16), (128, 8), (256, 16)]
 """(n, block size): square Monarch (b = n / b), b < n / b (sparser), b > n / b (rank-t blocks)."""
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    """A generator with a fresh seed, printed so that pytest shows it with a failure."""
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(os.urandom(8), "little") % 2**63)
-    print(f"generator seed {g.initial_seed()}")
-    return g
 
 
 def monarch_dense(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ printed (pytest shows it with a failure), so a failing case can be replayed.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import scipy.linalg
@@ -23,15 +22,6 @@ from kernels.reference import (
 )
 
 DTYPES = [torch.float64, torch.complex128]
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    """A generator with a fresh seed, printed so that pytest shows it with a failure."""
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(os.urandom(8), "little") % 2**63)
-    print(f"generator seed {g.initial_seed()}")
-    return g
 
 
 def randn(*shape: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:

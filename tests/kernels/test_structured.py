@@ -7,8 +7,6 @@ run (the seed is printed, so pytest shows it with a failure); float64 for exact 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import scipy.linalg
 import torch
@@ -30,15 +28,6 @@ from kernels.structured.circulant import f_circulant_matrix
 from kernels.structured.krylov import krylov_tridiagonal, tridiagonal_matrix
 
 F64 = torch.float64
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    """A generator with a fresh seed, printed so that pytest shows it with a failure."""
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(os.urandom(8), "little") % 2**63)
-    print(f"generator seed {g.initial_seed()}")
-    return g
 
 
 def _layer(method: str, n: int, gen: torch.Generator, jitter: float = 0.05) -> StructuredLayer:

@@ -1,0 +1,348 @@
+"""Launch wrappers, autotuning and the autograd Function of the fused Triton butterfly.
+
+Passes: a launch keeps a (BLOCK_B, W) tile in registers, so one launch applies a
+sub-butterfly of at most MAX_TILE_N = 4096 points. That is the largest size whose backward
+(~4 live tiles of W values, 8 if complex) still fits the register file of one SM with one
+row per program: compiled for sm_90 (ptxas, no GPU run), the fp32 backward at W = 4096 uses
+254 registers per thread at 8 warps without spilling, the forward 128. n <= MAX_TILE_N runs
+in one launch covering every level of every block. Larger n takes the fewest passes of
+balanced level ranges (n <= 2**24 in two): a pass applies levels [L0, L0 + c) to residue
+classes mod 2**L0 (see kernels.py); decreasing stride runs the passes in reverse, and with
+several blocks the passes loop per block.
+
+Backward: a launch per (block, pass) segment. Segment inputs are recomputed by forward
+launches into (batch, n) buffers (one per segment but the first), then each segment's
+backward kernel recomputes its levels' inputs on chip (see butterfly_bwd_kernel). Twiddle
+grads are reduced over a program's rows on chip into per-program partial buffers (capped at
+PARTIAL_BUDGET bytes, which bounds the number of programs) summed by torch: deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from kernels.reference import log2_exact
+from kernels.triton import kernels as tk
+from kernels.triton.kernels import INTERPRET, fold_tied, pair_order
+
+MAX_TILE_N = 4096
+COALESCE = 32  # neighbouring residue classes per strided tile: 128-byte runs of fp32
+FWD_PER_THREAD = 32  # tile values per thread (complex: x2) the autotuner may try, forward
+BWD_PER_THREAD = 16  # backward: ~4 live tiles plus recomputation temporaries
+PARTIAL_BUDGET = 32 << 20  # bytes of twiddle-grad partials per backward launch
+INTERPRET_TILE = 4096  # rows * columns per program under the interpreter: few programs
+INTERPRET_PROGRAMS = 2  # backward programs per column under the interpreter (>1: tests splits)
+_LOW = (torch.float16, torch.bfloat16)
+_LAST: dict[str, dict] = {}
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Levels [level0, level0 + c_log) on tiles of 2**c_log points x lob residue classes."""
+
+    level0: int
+    c_log: int
+    lob: int
+
+
+def plan_passes(m: int, max_tile_n: int = MAX_TILE_N) -> list[Pass]:
+    """The fewest passes of at most log2(max_tile_n) levels each, sizes as equal as possible."""
+    cmax = log2_exact(max_tile_n)
+    npass = max(1, math.ceil(m / cmax))
+    passes, level0 = [], 0
+    for i in range(npass):
+        c = m // npass + (1 if i < m % npass else 0)
+        passes.append(Pass(level0, c, min(1 << level0, COALESCE, max_tile_n >> c)))
+        level0 += c
+    return passes
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Everything a launch needs to know about one call."""
+
+    batch: int
+    n: int
+    m: int
+    nblocks: int
+    tied: bool
+    increasing: bool
+    complex: bool
+    compute: torch.dtype
+    passes: tuple[Pass, ...]
+
+    @property
+    def tw_len(self) -> int:
+        return self.n - 1 if self.tied else self.m * self.n // 2
+
+    def segments(self, fuse_blocks: bool) -> list[tuple[int, int, Pass]]:
+        """(first block, block count, pass) of each launch, in application order."""
+        if fuse_blocks and len(self.passes) == 1:
+            return [(0, self.nblocks, self.passes[0])]
+        order = self.passes if self.increasing else self.passes[::-1]
+        return [(b, 1, p) for b in range(self.nblocks) for p in order]
+
+    def consts(self, p: Pass, x_imag: bool) -> dict[str, object]:
+        return dict(C_LOG=p.c_log, LOB=p.lob, TIED=self.tied, INCREASING=self.increasing,
+                    COMPLEX=self.complex, X_IMAG=x_imag)
+
+
+def check_inputs(twiddle: torch.Tensor, x: torch.Tensor) -> tuple[int, int, bool]:
+    """Validate shapes, dtypes and devices; returns (n, nblocks, tied) or raises ValueError."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be (batch, n), got shape {tuple(x.shape)}")
+    n = x.shape[1]
+    try:
+        m = log2_exact(n)
+    except ValueError:
+        raise ValueError(f"x's size n must be a power of two, got {n}") from None
+    tied = twiddle.dim() == 4
+    want = (n - 1, 2, 2) if tied else (m, n // 2, 2, 2)
+    if twiddle.dim() not in (4, 5) or tuple(twiddle.shape[1:]) != want:
+        raise ValueError(f"twiddle shape {tuple(twiddle.shape)} does not fit n={n}: expected "
+                         f"(nblocks, {n - 1}, 2, 2) tied or (nblocks, {m}, {n // 2}, 2, 2) untied")
+    ok = (*_LOW, torch.float32, torch.float64, torch.complex64, torch.complex128)
+    for name, t in (("x", x), ("twiddle", twiddle)):
+        if t.dtype not in ok:
+            raise ValueError(f"unsupported {name} dtype {t.dtype}")
+    if x.device != twiddle.device:
+        raise ValueError(f"x on {x.device} but twiddle on {twiddle.device}")
+    if not INTERPRET and x.device.type != "cuda":
+        raise ValueError(f"Triton butterfly needs CUDA tensors or TRITON_INTERPRET=1: {x.device}")
+    return n, twiddle.shape[0], tied
+
+
+def _planes(t: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """Contiguous real (and imaginary, if complex) planes of t, optionally converted."""
+    parts = (t.real, t.imag) if t.is_complex() else (t,)
+    return tuple(p.to(dtype).contiguous() if dtype else p.contiguous() for p in parts)
+
+
+@functools.cache
+def _order(n: int, passes: tuple[Pass, ...], device: torch.device) -> torch.Tensor:
+    return pair_order(n, passes).to(device)
+
+
+def _tw_planes(twiddle: torch.Tensor, g: Geometry) -> tuple[torch.Tensor, ...]:
+    """(nblocks, 4, TW) planes of D1..D4, untied ones in kernel pair order."""
+    flat = twiddle.reshape(g.nblocks, g.tw_len, 4).transpose(1, 2)
+    if not g.tied:
+        flat = flat[:, :, _order(g.n, g.passes, twiddle.device)]
+    return _planes(flat, g.compute)
+
+
+def _prune(per_thread_max: int, rows_arg: str):
+    """early_config_prune: configs whose tile fits per_thread_max values per thread and
+    plane-set (more spill: measured with ptxas for sm_90 at n = 4096 the backward needs
+    ~254 registers at 16 fp32 values per thread), and that fill at least a quarter of it."""
+
+    def prune(configs: list, named_args: dict, **kwargs: object) -> list:
+        args = {**named_args, **kwargs}
+        width = (1 << args["C_LOG"]) * args["LOB"] * (2 if args["COMPLEX"] else 1)
+        rows = triton.next_power_of_2(max(1, int(args[rows_arg])))
+
+        def load(c: triton.Config) -> float:
+            return c.kwargs["BLOCK_B"] * width / (32 * c.num_warps)
+
+        fit = [c for c in configs if load(c) <= per_thread_max and c.kwargs["BLOCK_B"] <= rows]
+        if not fit:  # not even one row fits: the least loaded config
+            return [min(configs, key=load)]
+        top = max(load(c) for c in fit)
+        return [c for c in fit if 4 * load(c) >= top]
+
+    return prune
+
+
+_CONFIGS = [triton.Config({"BLOCK_B": 1 << i}, num_warps=w) for i in range(11) for w in (4, 8, 16)]
+_KEY = ["n", "C_LOG", "LOB", "TIED", "INCREASING", "COMPLEX", "X_IMAG"]
+_PRUNE = {"fwd": _prune(FWD_PER_THREAD, "batch"), "bwd": _prune(BWD_PER_THREAD, "rows_per_split")}
+_KERNELS = {"fwd": tk.butterfly_fwd_kernel, "bwd": tk.butterfly_bwd_kernel}
+
+
+@functools.cache
+def _tuned(kind: str) -> triton.runtime.Autotuner:
+    """The autotuned kernel (built on first GPU use; the interpreter cannot benchmark).
+
+    Keyed on the tile geometry and flags (and nblk: blocks per forward launch); the
+    autotuner adds the pointer dtypes. Launches are idempotent (out of place; partials are
+    stored on a program's first row tile), so benchmarking needs no reset hooks."""
+    key = [*_KEY, "nblk"] if kind == "fwd" else _KEY
+    return triton.autotune(_CONFIGS, key=key, prune_configs_by={
+        "early_config_prune": _PRUNE[kind]})(_KERNELS[kind])
+
+
+def _launch(kind: str, grid, args: tuple, consts: dict, width: int) -> dict[str, object]:
+    """Launch with a fixed config (interpreter, or BUTTERFLY_TRITON_AUTOTUNE=0 to skip the
+    first-call benchmarking) or autotuned; returns the config used."""
+    if INTERPRET:
+        block_b = max(1, min(16, INTERPRET_TILE // width))
+        _KERNELS[kind][grid](*args, **consts, BLOCK_B=block_b)
+        return {"BLOCK_B": block_b, "num_warps": None, "num_stages": None}
+    if os.environ.get("BUTTERFLY_TRITON_AUTOTUNE", "1") == "0":
+        named = dict(zip(_KERNELS[kind].arg_names, args, strict=False))
+        best = max(_PRUNE[kind](_CONFIGS, named, **consts),
+                   key=lambda c: (c.kwargs["BLOCK_B"] / c.num_warps, -c.num_warps))
+        _KERNELS[kind][grid](*args, **consts, **best.all_kwargs())
+    else:
+        tuned = _tuned(kind)
+        tuned[grid](*args, **consts)
+        best = tuned.best_config
+    return {"BLOCK_B": best.kwargs["BLOCK_B"], "num_warps": best.num_warps,
+            "num_stages": best.num_stages}
+
+
+def _forward_segment(xs: tuple, ys: tuple, tws: tuple, g: Geometry, blk0: int, nblk: int,
+                     p: Pass) -> dict[str, object]:
+    """ys = levels of pass p of blocks blk0.. applied to xs (planes of (batch, n))."""
+    width = (1 << p.c_log) * p.lob
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(g.batch, meta["BLOCK_B"]), g.n // width
+
+    args = (xs[0], xs[-1], ys[0], ys[-1], tws[0], tws[-1], g.batch, g.n, g.tw_len, blk0, nblk,
+            p.level0)
+    cfg = _launch("fwd", grid, args, g.consts(p, len(xs) == 2), width)
+    return {**cfg, "C": 1 << p.c_log, "ST": 1 << p.level0, "LOB": p.lob, "blocks": nblk}
+
+
+def _new_planes(g: Geometry, dtype: torch.dtype, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.empty(g.batch, g.n, dtype=dtype, device=like.device)
+                 for _ in range(2 if g.complex else 1))
+
+
+def run_forward(xs: tuple, tws: tuple, g: Geometry, out_dtype: torch.dtype, fuse: bool,
+                keep: bool = False) -> tuple[tuple, list]:
+    """Apply every segment; returns (output planes, launch configs) or, with keep, the list
+    of every segment's input planes in place of the output."""
+    segs = g.segments(fuse)
+    inputs, launches = [xs], []
+    for i, (blk0, nblk, p) in enumerate(segs):
+        if keep and i == len(segs) - 1:
+            break
+        dtype = out_dtype if i == len(segs) - 1 else g.compute
+        ys = _new_planes(g, dtype, xs[0])
+        launches.append(_forward_segment(inputs[-1], ys, tws, g, blk0, nblk, p))
+        inputs.append(ys)
+    return (inputs if keep else inputs[-1]), launches
+
+
+def _backward_segment(a: tuple, gy: tuple, tws: tuple, dtws: tuple, g: Geometry, blk: int,
+                      p: Pass) -> tuple[tuple, dict]:
+    """Grad of one segment's input; writes its twiddle grads (kernel pair order) into
+    dtws[blk, :, levels of p]."""
+    width = (1 << p.c_log) * p.lob
+    nq = g.n // width
+    seg_off, seg = p.level0 * (g.n // 2), p.c_log * (g.n // 2)
+    item = torch.empty((), dtype=g.compute).element_size() * (2 if g.complex else 1)
+    dev = a[0].device
+    target = INTERPRET_PROGRAMS if INTERPRET else (
+        4 * torch.cuda.get_device_properties(dev).multi_processor_count)
+    nsplit = max(1, min(g.batch, triton.cdiv(target, nq), PARTIAL_BUDGET // (4 * seg * item)))
+    rows = triton.cdiv(g.batch, nsplit)
+    nsplit = triton.cdiv(g.batch, rows)  # no program without rows
+    parts = tuple(torch.empty(nsplit, 4, seg, dtype=g.compute, device=dev)
+                  for _ in range(2 if g.complex else 1))
+    gx = _new_planes(g, g.compute, a[0])
+    args = (a[0], a[-1], gy[0], gy[-1], gx[0], gx[-1], tws[0], tws[-1], parts[0], parts[-1],
+            g.batch, g.n, g.tw_len, blk, p.level0, rows, seg)
+    cfg = _launch("bwd", (nsplit, nq), args, g.consts(p, len(a) == 2), width)
+    for dtw, part in zip(dtws, parts, strict=True):
+        dtw[blk, :, seg_off : seg_off + seg] = part.sum(0)
+    return gx, {**cfg, "C": 1 << p.c_log, "ST": 1 << p.level0, "LOB": p.lob, "splits": nsplit}
+
+
+def _record(direction: str, g: Geometry, launches: list[dict]) -> None:
+    _LAST[direction] = {
+        "n": g.n, "batch": g.batch, "nblocks": g.nblocks, "num_passes": len(g.passes),
+        "num_launches": len(launches), "BLOCK_B": launches[0]["BLOCK_B"],
+        "num_warps": launches[0]["num_warps"], "interpreter": INTERPRET, "launches": launches,
+    }
+
+
+def last_config(direction: str = "forward") -> dict:
+    """Launch configuration of the last forward (or "backward") call; {} before any call.
+
+    Top-level BLOCK_B / num_warps are the first launch's; `launches` lists every launch with
+    its tile (C points, stride ST, LOB residues), BLOCK_B, num_warps and num_stages.
+    """
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in _LAST.get(direction, {}).items()}
+
+
+class ButterflyFunction(torch.autograd.Function):
+    """Autograd for the fused kernels: x (batch, n) real or complex, twiddle real or complex
+    (a complex x with a real twiddle is routed through real rows by the public function)."""
+
+    @staticmethod
+    def forward(ctx, twiddle: torch.Tensor, x: torch.Tensor, g: Geometry,
+                out_dtype: torch.dtype) -> torch.Tensor:
+        tws = _tw_planes(twiddle, g)
+        out_real = torch.empty((), dtype=out_dtype).real.dtype
+        ys, launches = run_forward(_planes(x), tws, g, out_real, fuse=True)
+        _record("forward", g, launches)
+        ctx.save_for_backward(twiddle, x)
+        ctx.g = g
+        return torch.complex(*ys) if g.complex else ys[0]
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        twiddle, x = ctx.saved_tensors
+        g: Geometry = ctx.g
+        tws = _tw_planes(twiddle, g)
+        # recompute the input of every (block, pass) segment but the first (that is x)
+        inputs, _ = run_forward(_planes(x), tws, g, g.compute, fuse=False, keep=True)
+        # twiddle grads come in kernel pair order for tied twiddles too: unpermuted, folded below
+        dtws = tuple(torch.empty(g.nblocks, 4, g.m * g.n // 2, dtype=g.compute, device=x.device)
+                     for _ in tws)
+        gys, launches = _planes(gy), []
+        for (blk, _, p), a in reversed(list(zip(g.segments(False), inputs, strict=True))):
+            gys, cfg = _backward_segment(a, gys, tws, dtws, g, blk, p)
+            launches.append(cfg)
+        _record("backward", g, launches)
+        gx = torch.complex(*gys) if x.is_complex() else gys[0]
+        order = _order(g.n, g.passes, x.device)
+        dtw = [torch.empty_like(d).index_copy_(2, order, d) for d in dtws]
+        dtw = [d.transpose(1, 2).reshape(g.nblocks, g.m, g.n // 2, 2, 2) for d in dtw]
+        dtw = [fold_tied(d) if g.tied else d for d in dtw]
+        dtw = torch.complex(*dtw) if twiddle.is_complex() else dtw[0]
+        return dtw.to(twiddle.dtype), gx.to(x.dtype), None, None
+
+
+def butterfly_multiply_triton(
+    twiddle: torch.Tensor, x: torch.Tensor, increasing_stride: bool = True, *,
+    max_tile_n: int = MAX_TILE_N,
+) -> torch.Tensor:
+    """y = B x for x (batch, n) with the fused Triton kernels; same contract as the reference.
+
+    twiddle: tied (nblocks, n-1, 2, 2) or untied (nblocks, m, n/2, 2, 2), real or complex.
+    Returns complex (complex64, or complex128 with any fp64 input) if either is complex; a
+    real result has x's dtype for fp16 / bf16 x (fp32 accumulation), else fp32 or fp64.
+    max_tile_n: the largest sub-butterfly one launch applies (a power of two >= 2; tests
+    lower it to reach the multi-pass path cheaply).
+    """
+    n, nblocks, tied = check_inputs(twiddle, x)
+    if max_tile_n < 2 or max_tile_n & (max_tile_n - 1):
+        raise ValueError(f"max_tile_n must be a power of two >= 2, got {max_tile_n}")
+    if x.is_complex() and not twiddle.is_complex():  # real twiddle: real and imag as rows
+        b = x.shape[0]
+        y = butterfly_multiply_triton(twiddle, torch.cat([x.real, x.imag]), increasing_stride,
+                                      max_tile_n=max_tile_n)
+        return torch.complex(y[:b], y[b:])
+    real = {x.real.dtype, twiddle.real.dtype}  # .real of a real tensor is itself
+    compute = torch.float64 if torch.float64 in real else torch.float32
+    is_complex = x.is_complex() or twiddle.is_complex()
+    if is_complex:
+        out_dtype = torch.complex128 if compute == torch.float64 else torch.complex64
+    else:
+        out_dtype = x.dtype if x.dtype in _LOW and compute == torch.float32 else compute
+    m = n.bit_length() - 1
+    if n == 1 or nblocks == 0 or x.shape[0] == 0:  # identity (no levels) or empty: no launch
+        return x.to(out_dtype) + 0 * twiddle.sum().to(out_dtype)  # keeps both in the graph
+    g = Geometry(x.shape[0], n, m, nblocks, tied, increasing_stride, is_complex, compute,
+                 tuple(plan_passes(m, max_tile_n)))
+    return ButterflyFunction.apply(twiddle, x, g, out_dtype)
