@@ -18,12 +18,14 @@ from typing import Any
 import pandas as pd
 
 from suite import (
+    dashboard,
     environment,
     params,
     report,
     results,
     stage_compress,
     stage_data,
+    stage_report,
     stage_speed,
     tracking,
 )
@@ -57,13 +59,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     factors_dir = Path(args.factors)
     work = Path(tempfile.mkdtemp(prefix="recover-", dir=_scratch()))
     uri = tracking.configure(Path.cwd())
-    tags = {
-        "commit": fp["commit"],
-        "profile": profile,
-        "device": fp["device"],
-        "stage": "recover",
-        "env_id": fp["env_id"],
-    }
+    tags = environment.run_tags(fp, "recover", profile)
     rows: list[dict[str, Any]] = []
     run_name = f"recover-{profile}{'-only' if args.only else ''}-{fp['commit'][:8]}"
     _log(f"[recover] profile={profile} tracking={uri} work={work}")
@@ -261,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     wrk.add_argument("--worker", type=int, default=0)
     wrk.set_defaults(func=cmd_recover_worker)
     stage_data.add_parsers(sub)
+    dashboard.add_parsers(sub)
     stage_compress.add_parsers(sub)
     stage_speed.add_parsers(sub)
+    stage_report.add_parsers(sub)
     return parser
 
 

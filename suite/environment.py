@@ -125,3 +125,9 @@ def fingerprint() -> dict[str, Any]:
     fp["device"] = device_slug()
     fp["env_id"] = env_id(fp)
     return fp
+
+
+def run_tags(fp: dict[str, Any], stage: str, profile: str, **extra: Any) -> dict[str, Any]:
+    """The context every MLflow run carries: commit, stage, profile, device, env_id (+ extra)."""
+    base = {"commit": fp["commit"], "stage": stage, "profile": profile, "device": fp["device"]}
+    return {**base, "env_id": fp["env_id"], **extra}

@@ -70,16 +70,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     out = Path(args.out or f"outputs/compress/{args.method}")
     work = _scratch(out)
     uri = tracking.configure(Path.cwd())
-    tags = {
-        "commit": fp["commit"],
-        "profile": profile,
-        "device": fp["device"],
-        "stage": "compress",
-        "env_id": fp["env_id"],
-        "method": args.method,
-        "data_sha256": prov["source_sha256"],
-        "data_source": prov["source_kind"],
-    }
+    tags = environment.run_tags(
+        fp,
+        "compress",
+        profile,
+        method=args.method,
+        data_sha256=prov["source_sha256"],
+        data_source=prov["source_kind"],
+    )
     run_name = f"compress-{args.method}-{profile}-{fp['commit'][:8]}"
     _log(f"[compress] {args.method} profile={profile} tracking={uri}")
     rows, curves = [], []
@@ -175,13 +173,7 @@ def cmd_compress_report(args: argparse.Namespace) -> int:
     results.atomic_write_json(Path(args.metrics), {"profile": profile, **metrics})
     uri = tracking.configure(Path.cwd())
     fp = environment.fingerprint()
-    tags = {
-        "commit": fp["commit"],
-        "profile": profile,
-        "device": fp["device"],
-        "stage": "compress",
-        "env_id": fp["env_id"],
-    }
+    tags = environment.run_tags(fp, "compress", profile)
     with tracking.stage_run(
         "compress", f"compress-report-{profile}", {"profile": profile}, tags
     ) as run:

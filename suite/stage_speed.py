@@ -145,8 +145,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
     _log(f"[speed] profile={profile} device={device} ({slug}) providers={','.join(p.providers)}")
     raw, skipped = measure(p, device, machine)  # BenchmarkFailed: `suite`'s one-line error
     out = Path(args.out_dir) / f"{slug}.json"
-    tags = {"device": slug, "device_kind": device, "commit": fp["commit"], "profile": profile,
-            "env_id": fp["env_id"], "stage": "speed"}  # fmt: skip
+    tags = environment.run_tags(fp, "speed", profile, device=slug, device_kind=device)
     run_name = f"speed-{slug}-{profile}-{fp['commit'][:8]}"
     with tracking.stage_run("speed", run_name, {"profile": profile, **asdict(p)}, tags) as run:
         context = {"profile": profile, "device": device, "device_slug": slug,
