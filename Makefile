@@ -2,13 +2,16 @@
 #   make repro   create .venv, install the pinned stack, fetch CIFAR-10 into data/ (data.dvc),
 #                run `dvc repro` (default profile)
 #   make test    create .venv, install the pinned stack, run ruff and the tests
+# Convenience: make dashboard   the MLflow UI on ./mlflow.db (PORT=5000; Ctrl-C stops it)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: venv repro test lint
+PORT ?= 5000
+
+.PHONY: venv repro test lint dashboard
 
 $(BIN)/suite: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +31,6 @@ lint: venv
 test: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+dashboard: venv
+	$(BIN)/suite dashboard --port $(PORT)

@@ -7,12 +7,15 @@ Usage::
         run.child("dft-n8-bp", params={...}, metrics={"rmse": 1e-4}, tags={})
 
 mlflow is imported lazily, so importing this module stays cheap.
+
+Reliability (tests/suite/test_tracking_reliability.py): see reap_stale_runs and _init_sqlite.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -32,6 +35,7 @@ MAX_TAG_VAL = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 MAX_KEY = 250  # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH
 BATCH = 100  # params + tags per log_batch request
 PROBE_TIMEOUT_S = 3.0
+HOST_TAG, PID_TAG, START_TAG = "host", "pid", "pid_start"  # who owns a RUNNING parent run
 _QUIET_LOGGERS = ("mlflow", "alembic", "alembic.runtime.migration", "sqlalchemy")
 
 
@@ -61,22 +65,44 @@ def _probe(uri: str) -> None:
         ) from None
 
 
+def store_uri(default_dir: Path) -> str:
+    """$MLFLOW_TRACKING_URI, or sqlite:///<abs default_dir>/mlflow.db (nothing is created)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return uri or f"sqlite:///{Path(default_dir).resolve() / 'mlflow.db'}"
+
+
 def configure(default_dir: Path) -> str:
     """Point MLflow at $MLFLOW_TRACKING_URI or sqlite:///<default_dir>/mlflow.db; return it."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     _quiet()
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if not uri:
-        directory = Path(default_dir).resolve()
-        directory.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{directory / 'mlflow.db'}"
+    uri = store_uri(default_dir)
     if urllib.parse.urlparse(uri).scheme in ("http", "https"):
         _probe(uri)
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     _quiet()
+    if uri.startswith("sqlite:///"):
+        _init_sqlite(Path(uri[len("sqlite:///") :]))
     return uri
+
+
+def _init_sqlite(db: Path) -> None:
+    """Open (create, migrate) a sqlite store holding a lock on its folder: two processes opening
+    a fresh store at once race through the migrations ("duplicate column name") otherwise.
+    Afterwards MLflow's `PRAGMA busy_timeout = 20000` serialises writers: no retry is needed."""
+    import fcntl  # POSIX only, as the suite
+
+    from mlflow import MlflowClient
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(db.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        MlflowClient().search_experiments(max_results=1)  # opens the store: schema + migrations
+        _quiet()
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -120,12 +146,11 @@ def to_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _artifact_location(uri: str, stage: str) -> str | None:
-    """Artifacts of a sqlite store live beside the db file, not in the current directory."""
+def artifact_root(uri: str) -> Path | None:
+    """<dir of the db>/mlartifacts for a sqlite store (not the current directory); else None."""
     if not uri.startswith("sqlite:///"):
         return None
-    db = Path(uri[len("sqlite:///") :])
-    return (db.parent.resolve() / "mlartifacts" / stage).as_uri()
+    return Path(uri[len("sqlite:///") :]).parent.resolve() / "mlartifacts"
 
 
 def _experiment_id(client: MlflowClient, stage: str) -> str:
@@ -138,7 +163,8 @@ def _experiment_id(client: MlflowClient, stage: str) -> str:
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     try:
-        location = _artifact_location(client.tracking_uri, stage)
+        root = artifact_root(client.tracking_uri)  # beside the db file, one folder per stage
+        location = None if root is None else (root / stage).as_uri()
         return client.create_experiment(stage, artifact_location=location)
     except MlflowException:  # created concurrently by another process
         exp = client.get_experiment_by_name(stage)
@@ -239,6 +265,47 @@ class StageRun:
         return run_id
 
 
+def _started(pid: int) -> str | None:
+    """Start time (clock ticks after boot) of live process pid, from /proc; None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if stat[0] in ("Z", "X") else stat[19]  # a zombie is gone too
+
+
+def owner_tags() -> dict[str, str]:
+    """host, pid and process start time: who owns a run while it is RUNNING."""
+    start = _started(os.getpid()) or ""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), START_TAG: start}
+
+
+def _gone(tags: Mapping[str, str], host: str) -> bool:
+    """Was the run owned by a process of this host that is no longer running?"""
+    ours = tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit()
+    if not ours or not Path("/proc/self/stat").exists():  # no procfs (macOS): never reap
+        return False
+    now = _started(int(tags[PID_TAG]))
+    return now is None or now != (tags.get(START_TAG) or now)  # a recycled pid counts as gone
+
+
+def reap_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs whose owner process on this host is gone (e.g. SIGKILL).
+
+    Runs of other hosts or without owner tags are left alone; a RUNNING child of a reaped
+    parent goes with it. Returns the reaped run ids.
+    """
+    runs = client.search_runs([experiment_id], "status = 'RUNNING'", max_results=50_000)
+    dead = {r.info.run_id for r in runs if _gone(r.data.tags, socket.gethostname())}
+    dead |= {r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") in dead}
+    for run_id in sorted(dead):
+        client.set_tag(run_id, "suite.reaped", f"owner process gone; seen by pid {os.getpid()}")
+        client.set_terminated(run_id, "KILLED")
+    if dead:
+        logging.getLogger(__name__).warning("marked %d stale RUNNING run(s) KILLED", len(dead))
+    return sorted(dead)
+
+
 def _status(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "KILLED"
@@ -253,14 +320,15 @@ def stage_run(
 ) -> Iterator[StageRun]:
     """Parent run in experiment `stage`; FINISHED on success, FAILED on error, KILLED on ^C.
 
-    Call configure() first. The run never stays RUNNING: it is terminated on every exit path.
+    Call configure() first. Terminated on every exit path Python sees; see reap_stale_runs.
     """
     from mlflow import MlflowClient
 
     _quiet()
     client = MlflowClient()
     experiment_id = _experiment_id(client, stage)
-    run_tags = {**to_tags(tags), "stage": stage}
+    reap_stale_runs(client, experiment_id)
+    run_tags = {**to_tags(tags), "stage": stage, **owner_tags()}
     run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
     run_id = run.info.run_id
     status = "FAILED"
@@ -277,12 +345,6 @@ def stage_run(
 
 
 __all__ = [
-    "StageRun",
-    "TrackingUnavailable",
-    "configure",
-    "flatten",
-    "stage_run",
-    "to_params",
-    "to_metrics",
-    "to_tags",
+    *("StageRun", "TrackingUnavailable", "artifact_root", "configure", "flatten", "owner_tags"),
+    *("reap_stale_runs", "stage_run", "store_uri", "to_params", "to_metrics", "to_tags"),
 ]

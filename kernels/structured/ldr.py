@@ -89,6 +89,8 @@ class LDRTridiagonal(StructuredLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if not self.training and not torch.is_grad_enabled():
+            return x @ self._inference_matrix().T
         ka, kb = self.krylov()
         if x.shape[0] * (2 * self.rank - 1) > self.rank * self.n:
             return x @ (ka.T @ kb).T
@@ -97,6 +99,20 @@ class LDRTridiagonal(StructuredLayer):
     def matrix(self) -> torch.Tensor:
         ka, kb = self.krylov()
         return ka.T @ kb
+
+    def _inference_matrix(self) -> torch.Tensor:
+        """W, built once per weight version for inference: the Krylov build (n sequential
+        steps) would otherwise dominate every call; applying W is then a dense product."""
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        cached = self.__dict__.get("_cached")
+        if cached is None or cached[0] != key:
+            cached = (key, self.matrix().detach())
+            self.__dict__["_cached"] = cached
+        return cached[1]
+
+    def train(self, mode: bool = True) -> LDRTridiagonal:
+        self.__dict__.pop("_cached", None)
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"

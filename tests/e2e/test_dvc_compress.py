@@ -118,4 +118,4 @@ def test_dvc_repro_compress_smoke(tmp_path: Path) -> None:
     assert sorted(r.data.tags["method"] for r in children) == sorted(METHODS)
     client = mlflow.MlflowClient()
     curve = client.get_metric_history(children[0].info.run_id, "val_accuracy")
-    assert len(curve) >= 1 and curve[0].step == 1
+    assert {1, 2} <= {m.step for m in curve}  # the learning curve, one point per epoch

@@ -86,7 +86,11 @@ def test_dvc_repro_recover_smoke(tmp_path: Path) -> None:
     env = json.loads((repo / "reports" / "recovery_environment.json").read_text())
     assert env["env_id"] == df.env_id.iloc[0] and env["torch"] and env["cpu"]
     status = subprocess.run(
-        [*dvc, "status"], cwd=repo, env=proc_env, capture_output=True, text=True
+        [*dvc, "status", "--with-deps", "recover"],
+        cwd=repo,
+        env=proc_env,
+        capture_output=True,
+        text=True,
     )
     assert "up to date" in status.stdout, status.stdout
 

@@ -279,3 +279,13 @@ def test_bp_training_path_matches_the_factored_path(method: str) -> None:
         torch.testing.assert_close(factored, layer(x))
     for k, p in layer.named_parameters():
         torch.testing.assert_close(p.grad, want[k], msg=k)
+
+
+def test_ldr_td_inference_uses_a_cached_matrix_that_follows_updates() -> None:
+    layer = make_layer("ldr_td_r1", 32, torch.Generator().manual_seed(2)).double()
+    x = torch.randn(3, 32, dtype=torch.float64)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ layer.matrix().T)
+        next(layer.parameters()).add_(0.1)  # bumps the version: the cache must be rebuilt
+        torch.testing.assert_close(layer(x), x @ layer.matrix().T)
