@@ -61,6 +61,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
         test_std=("test_accuracy", "std"),
         val_mean=("val_accuracy", "mean"),
         epochs=("epochs", "mean"),
+        capped=("budget_capped", "any"),
         seconds=("seconds", "mean"),
         hidden_b1_ms=("latency_hidden_b1_ms", "median"),
         hidden_b256_ms=("latency_hidden_b256_ms", "median"),
@@ -197,17 +198,20 @@ def markdown(df: pd.DataFrame) -> str:
     for _, r in s.iterrows():
         pr = paper.compression_row_for(r.method)
         sd = "" if math.isnan(r.test_std) else f" ± {r.test_std:.2f}"
+        cap = "*" if r.capped else ""
         lines.append(
             f"| {r.method} | {int(r.hidden_params):,} | {r.compression_factor:.1f} "
             f"| {r.test_mean:.2f}{sd} | {int(r.seeds)} "
             f"| {_fmt(pr.accuracy if pr else math.nan, '.2f')} "
             f"| {_fmt(pr.compression_factor if pr else math.nan, '.1f')} "
             f"| {r.hidden_b1_ms:.3f} | {r.hidden_b256_ms:.2f} | {r.net_b1_ms:.3f} "
-            f"| {_fmt(dense_ms / r.hidden_b1_ms, '.2f')} | {r.epochs:.0f} |"
+            f"| {_fmt(dense_ms / r.hidden_b1_ms, '.2f')} | {r.epochs:.0f}{cap} |"
         )
     h = headline(df)
     lines += [
         "",
+        "Epochs marked * stopped at the profile's wall-clock cap (`max_seconds`), not by early "
+        "stopping.",
         f"Latency: {_threads(df)}; data: {df.data_source.iloc[0]} "
         f"(sha256 {str(df.data_sha256.iloc[0])[:12]}).",
         "",
