@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 import urllib.error
@@ -123,14 +124,19 @@ def _text(value: Any, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _key(key: str) -> str:
+    """A valid MLflow key: characters it refuses (e.g. '@' in 'dense_fp32@cpu') become '_'."""
+    return re.sub(r"[^\w\-. /:]", "_", key)[:MAX_KEY]
+
+
 def to_params(params: Mapping[str, Any]) -> dict[str, str]:
     """Flatten nested dicts with dotted keys; stringify and truncate values to 6000 chars."""
-    return {k[:MAX_KEY]: _text(v, MAX_PARAM_VAL) for k, v in flatten(params).items()}
+    return {_key(k): _text(v, MAX_PARAM_VAL) for k, v in flatten(params).items()}
 
 
 def to_tags(tags: Mapping[str, Any]) -> dict[str, str]:
     """Flatten and stringify tag values; None values are dropped."""
-    return {k[:MAX_KEY]: _text(v, MAX_TAG_VAL) for k, v in flatten(tags).items() if v is not None}
+    return {_key(k): _text(v, MAX_TAG_VAL) for k, v in flatten(tags).items() if v is not None}
 
 
 def to_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -140,7 +146,7 @@ def to_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         if value is None:
             continue
         try:
-            out[key[:MAX_KEY]] = float(value)
+            out[_key(key)] = float(value)
         except (TypeError, ValueError):
             raise TypeError(f"metric {key!r} must be a number, got {value!r}") from None
     return out

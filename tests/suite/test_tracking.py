@@ -125,3 +125,10 @@ def test_value_conversion() -> None:
     assert to_metrics({"x": True, "y": None, "z": {"w": 2}}) == {"x": 1.0, "z.w": 2.0}
     with pytest.raises(TypeError, match="'m'"):
         to_metrics({"m": "high"})
+
+
+def test_keys_mlflow_refuses_are_made_valid() -> None:
+    from suite.tracking import to_metrics, to_params, to_tags
+
+    assert to_params({"max_n": {"dense_fp32@cpu": 8192}}) == {"max_n.dense_fp32_cpu": "8192"}
+    assert to_tags({"a@b": "x"}) == {"a_b": "x"} and to_metrics({"t/ms": 1}) == {"t/ms": 1.0}
