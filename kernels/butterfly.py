@@ -16,11 +16,14 @@ from torch import nn
 
 from kernels.cpu import CPUButterfly
 from kernels.multiply import butterfly_multiply
-from kernels.permutation import Permutation, permute_columns, permute_level_transpose
+from kernels.permutation import Permutation, permute_level_transpose
 from kernels.reference import log2_exact
 
 INITS = ("randn", "ortho")
 MODELS = {"bp": (1, False), "bpp": (1, True), "bpbp": (2, False)}  # (BP blocks, extra perm)
+# BPP's extra permutation P': "one" level at size n (the authors' code), or "per_level" (a
+# relaxed triple at every level, an earlier choice of this suite kept as a knob).
+EXTRA_PERMS = ("one", "per_level")
 FACTORS_FORMAT = "butterfly-suite/factors/v1"
 
 
@@ -179,7 +182,8 @@ def tied_bp_matrix(twiddle: torch.Tensor, probs: torch.Tensor | None) -> torch.T
 class ButterflyStack(nn.Module):
     """The paper's learned models on n x n: bp = B P, bpp = B P P', bpbp = B2 P2 B1 P1.
 
-    share_logits ties the logits of each P across its levels; P' (bpp) always has its own per level.
+    share_logits ties the logits of each P across its levels; extra_perm shapes BPP's P' (one
+    level at size n as in the authors' code, or a triple per level).
 
     forward: x (batch, n) -> (batch, n) computing y = M x row by row. With real_output the
     complex result's real part is returned (how the paper fits real targets).
@@ -195,6 +199,7 @@ class ButterflyStack(nn.Module):
         init: str = "randn",
         real_output: bool = False,
         generator: torch.Generator | None = None,
+        extra_perm: str = "one",
     ):
         super().__init__()
         if model not in MODELS:
@@ -202,6 +207,8 @@ class ButterflyStack(nn.Module):
         log2_exact(n)
         if n < 4:
             raise ValueError(f"learned butterfly models need n >= 4, got {n}")
+        if extra_perm not in EXTRA_PERMS:
+            raise ValueError(f"extra_perm must be one of {EXTRA_PERMS}, got {extra_perm!r}")
         self.config: dict[str, Any] = dict(
             n=n,
             model=model,
@@ -210,12 +217,13 @@ class ButterflyStack(nn.Module):
             share_logits=share_logits,
             init=init,
             real_output=real_output,
+            extra_perm=extra_perm,
         )
         blocks, extra = MODELS[model]
         self.n, self.real_output = n, real_output
-        # The extra permutation of BPP is always per level: the DCT's even/odd-then-reverse
-        # reordering acts on the top level only, which one shared triple cannot express.
-        self.extra_perm = Permutation(n, False, generator) if extra else None
+        self.extra_perm = (
+            Permutation(n, False, generator, top_only=extra_perm == "one") if extra else None
+        )
         self.perms = nn.ModuleList(Permutation(n, share_logits, generator) for _ in range(blocks))
         self.butterflies = nn.ModuleList(
             Butterfly(n, n, bias=False, complex=complex, tied=tied, init=init, generator=generator)
@@ -251,7 +259,7 @@ class ButterflyStack(nn.Module):
             mat = block if mat is None else block @ mat
         assert mat is not None
         if self.extra_perm is not None:
-            mat = permute_columns(mat, self.extra_perm.probs())
+            mat = self.extra_perm.apply_columns(mat)
         return self._out(mat)
 
 
@@ -276,7 +284,8 @@ def load_factors(path: str | Path) -> ButterflyStack:
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FACTORS_FORMAT:
         raise ValueError(f"{path}: not a butterfly-suite factors file")
-    model = ButterflyStack(**payload["config"])
+    # files written before extra_perm was a knob had P' per level
+    model = ButterflyStack(**{"extra_perm": "per_level", **payload["config"]})
     model.load_state_dict(payload["state_dict"])
     for p in model.permutations():
         if bool(p.hard):

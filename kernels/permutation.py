@@ -89,17 +89,24 @@ def bit_reversal(n: int) -> torch.Tensor:
 class Permutation(nn.Module):
     """Learnable relaxed permutation of size n (PAPER.md section 1).
 
-    share: one logit triple for all levels. After `round_()` the permutation is hard (probs in
-    {0, 1}) and its logits no longer receive gradients.
+    share: one logit triple for all levels. top_only: a single level at block size n (the
+    authors' extra permutation P' of BPP: three relaxed choices, nothing below). After
+    `round_()` the permutation is hard (probs in {0, 1}) and its logits get no gradients.
     """
 
-    def __init__(self, n: int, share: bool = True, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        n: int,
+        share: bool = True,
+        generator: torch.Generator | None = None,
+        top_only: bool = False,
+    ):
         super().__init__()
         m = log2_exact(n)
         if n < 4:
             raise ValueError(f"a learnable permutation needs n >= 4, got {n}")
-        self.n = n
-        levels = 1 if share else m - 1
+        self.n, self.top_only = n, top_only
+        levels = 1 if (share or top_only) else m - 1
         self.logits = nn.Parameter(torch.randn(levels, 3, generator=generator))
         self.register_buffer("hard", torch.zeros((), dtype=torch.bool))
 
@@ -114,14 +121,27 @@ class Permutation(nn.Module):
         self.logits.requires_grad_(False)
         return self
 
+    def apply(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """This permutation's structure with the given probs applied to x (batch, n)."""
+        if self.top_only:
+            return permute_level(x, _level_probs(probs, 0, x), self.n)
+        return permute(x, probs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return permute(x, self.probs())
+        return self.apply(x, self.probs())
+
+    def apply_columns(self, a: torch.Tensor) -> torch.Tensor:
+        """a P for a matrix a (rows, n), P this permutation as a matrix."""
+        probs = self.probs()
+        if self.top_only:
+            return permute_level_transpose(a, _level_probs(probs, 0, a), self.n)
+        return permute_columns(a, probs)
 
     def indices(self) -> torch.Tensor:
         """The hard permutation as indices: forward(x) == x[:, indices] once rounded."""
         probs = (self.logits.detach() >= 0).to(torch.float64)
         idx = torch.arange(self.n, dtype=torch.float64).unsqueeze(0)
-        return permute(idx, probs).round().long().squeeze(0)
+        return self.apply(idx, probs).round().long().squeeze(0)
 
     @staticmethod
     def bit_reversal_logits(n: int, magnitude: float = 10.0) -> torch.Tensor:
