@@ -13,8 +13,15 @@ several blocks the passes loop per block.
 Backward: a launch per (block, pass) segment. Segment inputs are recomputed by forward
 launches into (batch, n) buffers (one per segment but the first), then each segment's
 backward kernel recomputes its levels' inputs on chip (see butterfly_bwd_kernel). Twiddle
-grads are reduced over a program's rows on chip into per-program partial buffers (capped at
-PARTIAL_BUDGET bytes, which bounds the number of programs) summed by torch: deterministic.
+grads are reduced over a program's rows on chip into per-program partial buffers summed by
+torch: deterministic. Their count (split_count) aims at 4 programs per SM, is capped by
+PARTIAL_BUDGET bytes but never below one program per SM.
+
+Memory: complex data stays interleaved (the kernels split it on chip); fp16 / bf16 runs
+keep every (batch, n) buffer (output, multi-pass intermediates, gradients) in that dtype,
+only the twiddles, their gradients and the arithmetic are fp32. Twiddle planes are laid
+out once per twiddle version (cached like the CPU plan: by tensor identity and _version)
+and kept for the backward.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +46,12 @@ BWD_PER_THREAD = 16  # backward: ~4 live tiles plus recomputation temporaries
 PARTIAL_BUDGET = 32 << 20  # bytes of twiddle-grad partials per backward launch
 INTERPRET_TILE = 4096  # rows * columns per program under the interpreter: few programs
 INTERPRET_PROGRAMS = 2  # backward programs per column under the interpreter (>1: tests splits)
+INTERPRET_BLOCK_B: int | None = None  # tests force small row tiles (several per program)
+SPILLS: frozenset[tuple[str, int, int]] = frozenset()  # (kind, num_warps, tile values)
 _LOW = (torch.float16, torch.bfloat16)
 _LAST: dict[str, dict] = {}
+_TW_CACHE: dict[tuple, tuple] = {}
+_TW_CACHE_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -65,7 +77,11 @@ def plan_passes(m: int, max_tile_n: int = MAX_TILE_N) -> list[Pass]:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Everything a launch needs to know about one call."""
+    """Everything a launch needs to know about one call.
+
+    io: the real dtype of every (batch, n) buffer the kernels write (x's dtype for fp16 /
+    bf16 x with fp32 compute, else compute); complex buffers are complex(compute).
+    """
 
     batch: int
     n: int
@@ -74,12 +90,21 @@ class Geometry:
     tied: bool
     increasing: bool
     complex: bool
+    tw_complex: bool
     compute: torch.dtype
+    io: torch.dtype
     passes: tuple[Pass, ...]
 
     @property
     def tw_len(self) -> int:
         return self.n - 1 if self.tied else self.m * self.n // 2
+
+    @property
+    def buffer_dtype(self) -> torch.dtype:
+        """dtype of outputs and intermediates."""
+        if not self.complex:
+            return self.io
+        return torch.complex128 if self.compute == torch.float64 else torch.complex64
 
     def segments(self, fuse_blocks: bool) -> list[tuple[int, int, Pass]]:
         """(first block, block count, pass) of each launch, in application order."""
@@ -88,9 +113,9 @@ class Geometry:
         order = self.passes if self.increasing else self.passes[::-1]
         return [(b, 1, p) for b in range(self.nblocks) for p in order]
 
-    def consts(self, p: Pass, x_imag: bool) -> dict[str, object]:
+    def consts(self, p: Pass, x_cplx: bool) -> dict[str, object]:
         return dict(C_LOG=p.c_log, LOB=p.lob, TIED=self.tied, INCREASING=self.increasing,
-                    COMPLEX=self.complex, X_IMAG=x_imag)
+                    COMPLEX=self.complex, X_CPLX=x_cplx, TW_CPLX=self.tw_complex)
 
 
 def check_inputs(twiddle: torch.Tensor, x: torch.Tensor) -> tuple[int, int, bool]:
@@ -118,10 +143,14 @@ def check_inputs(twiddle: torch.Tensor, x: torch.Tensor) -> tuple[int, int, bool
     return n, twiddle.shape[0], tied
 
 
-def _planes(t: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
-    """Contiguous real (and imaginary, if complex) planes of t, optionally converted."""
-    parts = (t.real, t.imag) if t.is_complex() else (t,)
-    return tuple(p.to(dtype).contiguous() if dtype else p.contiguous() for p in parts)
+def _ptr(t: torch.Tensor) -> torch.Tensor:
+    """What a kernel receives for a contiguous buffer: complex ones as interleaved reals."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous, without a lazy conjugate bit (no copy when it already is)."""
+    return t.resolve_conj().contiguous()
 
 
 @functools.cache
@@ -129,18 +158,35 @@ def _order(n: int, passes: tuple[Pass, ...], device: torch.device) -> torch.Tens
     return pair_order(n, passes).to(device)
 
 
-def _tw_planes(twiddle: torch.Tensor, g: Geometry) -> tuple[torch.Tensor, ...]:
-    """(nblocks, 4, TW) planes of D1..D4, untied ones in kernel pair order."""
-    flat = twiddle.reshape(g.nblocks, g.tw_len, 4).transpose(1, 2)
+def _layout(twiddle: torch.Tensor, g: Geometry) -> tuple[torch.Tensor, ...]:
+    """(nblocks, 4, TW) planes of D1..D4 (re, and im if complex), untied ones in kernel pair
+    order, in the compute dtype."""
+    flat = twiddle.detach().reshape(g.nblocks, g.tw_len, 4).transpose(1, 2)
     if not g.tied:
         flat = flat[:, :, _order(g.n, g.passes, twiddle.device)]
-    return _planes(flat, g.compute)
+    parts = (flat.real, flat.imag) if flat.is_complex() else (flat,)
+    return tuple(q.to(g.compute).contiguous() for q in parts)
+
+
+def tw_planes(twiddle: torch.Tensor, g: Geometry) -> tuple[torch.Tensor, ...]:
+    """_layout, cached per twiddle tensor and version (an in-place update, e.g. an optimiser
+    step, bumps _version and so re-lays it out once); at most _TW_CACHE_SIZE entries."""
+    key = (id(twiddle), twiddle._version, twiddle.data_ptr(), twiddle.dtype, twiddle.device,
+           g.passes, g.tied, g.compute)
+    hit = _TW_CACHE.get(key)
+    if hit is not None and hit[0]() is twiddle:
+        return hit[1]
+    planes = _layout(twiddle, g)
+    if len(_TW_CACHE) >= _TW_CACHE_SIZE:
+        _TW_CACHE.pop(next(iter(_TW_CACHE)))
+    _TW_CACHE[key] = (weakref.ref(twiddle), planes)
+    return planes
 
 
 def _prune(per_thread_max: int, rows_arg: str):
     """early_config_prune: configs whose tile fits per_thread_max values per thread and
-    plane-set (more spill: measured with ptxas for sm_90 at n = 4096 the backward needs
-    ~254 registers at 16 fp32 values per thread), and that fill at least a quarter of it."""
+    plane-set (more spill; see reports/triton_compile.md), and that fill at least a quarter
+    of it."""
 
     def prune(configs: list, named_args: dict, **kwargs: object) -> list:
         args = {**named_args, **kwargs}
@@ -150,7 +196,8 @@ def _prune(per_thread_max: int, rows_arg: str):
         def load(c: triton.Config) -> float:
             return c.kwargs["BLOCK_B"] * width / (32 * c.num_warps)
 
-        fit = [c for c in configs if load(c) <= per_thread_max and c.kwargs["BLOCK_B"] <= rows]
+        fit = [c for c in configs if load(c) <= per_thread_max and c.kwargs["BLOCK_B"] <= rows
+               and (c.num_warps, width) not in SPILLS]
         if not fit:  # not even one row fits: the least loaded config
             return [min(configs, key=load)]
         top = max(load(c) for c in fit)
@@ -159,8 +206,14 @@ def _prune(per_thread_max: int, rows_arg: str):
     return prune
 
 
+def rows_log2(rows: int) -> int:
+    """The autotuning bucket of a row count: ceil(log2(rows)) (a BLOCK_B tuned for batch 1
+    must not be reused at batch 16384)."""
+    return max(0, int(rows) - 1).bit_length()
+
+
 _CONFIGS = [triton.Config({"BLOCK_B": 1 << i}, num_warps=w) for i in range(11) for w in (4, 8, 16)]
-_KEY = ["n", "C_LOG", "LOB", "TIED", "INCREASING", "COMPLEX", "X_IMAG"]
+_KEY = ["n", "rows_log2", "C_LOG", "LOB", "TIED", "INCREASING", "COMPLEX", "X_CPLX", "TW_CPLX"]
 _PRUNE = {"fwd": _prune(FWD_PER_THREAD, "batch"), "bwd": _prune(BWD_PER_THREAD, "rows_per_split")}
 _KERNELS = {"fwd": tk.butterfly_fwd_kernel, "bwd": tk.butterfly_bwd_kernel}
 
@@ -169,9 +222,10 @@ _KERNELS = {"fwd": tk.butterfly_fwd_kernel, "bwd": tk.butterfly_bwd_kernel}
 def _tuned(kind: str) -> triton.runtime.Autotuner:
     """The autotuned kernel (built on first GPU use; the interpreter cannot benchmark).
 
-    Keyed on the tile geometry and flags (and nblk: blocks per forward launch); the
-    autotuner adds the pointer dtypes. Launches are idempotent (out of place; partials are
-    stored on a program's first row tile), so benchmarking needs no reset hooks."""
+    Keyed on the tile geometry, flags and the rows' log2 bucket (and nblk: blocks per
+    forward launch); the autotuner adds the pointer dtypes. Launches are idempotent (out
+    of place; partials are stored on a program's first row tile), so benchmarking needs no
+    reset hooks."""
     key = [*_KEY, "nblk"] if kind == "fwd" else _KEY
     return triton.autotune(_CONFIGS, key=key, prune_configs_by={
         "early_config_prune": _PRUNE[kind]})(_KERNELS[kind])
@@ -181,7 +235,7 @@ def _launch(kind: str, grid, args: tuple, consts: dict, width: int) -> dict[str,
     """Launch with a fixed config (interpreter, or BUTTERFLY_TRITON_AUTOTUNE=0 to skip the
     first-call benchmarking) or autotuned; returns the config used."""
     if INTERPRET:
-        block_b = max(1, min(16, INTERPRET_TILE // width))
+        block_b = INTERPRET_BLOCK_B or max(1, min(16, INTERPRET_TILE // width))
         _KERNELS[kind][grid](*args, **consts, BLOCK_B=block_b)
         return {"BLOCK_B": block_b, "num_warps": None, "num_stages": None}
     if os.environ.get("BUTTERFLY_TRITON_AUTOTUNE", "1") == "0":
@@ -197,64 +251,70 @@ def _launch(kind: str, grid, args: tuple, consts: dict, width: int) -> dict[str,
             "num_stages": best.num_stages}
 
 
-def _forward_segment(xs: tuple, ys: tuple, tws: tuple, g: Geometry, blk0: int, nblk: int,
-                     p: Pass) -> dict[str, object]:
-    """ys = levels of pass p of blocks blk0.. applied to xs (planes of (batch, n))."""
+def _forward_segment(x: torch.Tensor, y: torch.Tensor, tws: tuple, g: Geometry, blk0: int,
+                     nblk: int, p: Pass) -> dict[str, object]:
+    """y = levels of pass p of blocks blk0.. applied to x ((batch, n) buffers)."""
     width = (1 << p.c_log) * p.lob
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(g.batch, meta["BLOCK_B"]), g.n // width
 
-    args = (xs[0], xs[-1], ys[0], ys[-1], tws[0], tws[-1], g.batch, g.n, g.tw_len, blk0, nblk,
-            p.level0)
-    cfg = _launch("fwd", grid, args, g.consts(p, len(xs) == 2), width)
+    args = (_ptr(x), _ptr(y), tws[0], tws[-1], g.batch, g.n, g.tw_len, blk0, nblk, p.level0,
+            rows_log2(g.batch))
+    cfg = _launch("fwd", grid, args, g.consts(p, x.is_complex()), width)
     return {**cfg, "C": 1 << p.c_log, "ST": 1 << p.level0, "LOB": p.lob, "blocks": nblk}
 
 
-def _new_planes(g: Geometry, dtype: torch.dtype, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.empty(g.batch, g.n, dtype=dtype, device=like.device)
-                 for _ in range(2 if g.complex else 1))
-
-
-def run_forward(xs: tuple, tws: tuple, g: Geometry, out_dtype: torch.dtype, fuse: bool,
-                keep: bool = False) -> tuple[tuple, list]:
-    """Apply every segment; returns (output planes, launch configs) or, with keep, the list
-    of every segment's input planes in place of the output."""
+def run_forward(x: torch.Tensor, tws: tuple, g: Geometry, fuse: bool,
+                keep: bool = False) -> tuple[object, list]:
+    """Apply every segment; returns (output, launch configs) or, with keep, the list of
+    every segment's input in place of the output."""
     segs = g.segments(fuse)
-    inputs, launches = [xs], []
+    inputs, launches = [x], []
     for i, (blk0, nblk, p) in enumerate(segs):
         if keep and i == len(segs) - 1:
             break
-        dtype = out_dtype if i == len(segs) - 1 else g.compute
-        ys = _new_planes(g, dtype, xs[0])
-        launches.append(_forward_segment(inputs[-1], ys, tws, g, blk0, nblk, p))
-        inputs.append(ys)
+        y = torch.empty(g.batch, g.n, dtype=g.buffer_dtype, device=x.device)
+        launches.append(_forward_segment(inputs[-1], y, tws, g, blk0, nblk, p))
+        inputs.append(y)
     return (inputs if keep else inputs[-1]), launches
 
 
-def _backward_segment(a: tuple, gy: tuple, tws: tuple, dtws: tuple, g: Geometry, blk: int,
-                      p: Pass) -> tuple[tuple, dict]:
-    """Grad of one segment's input; writes its twiddle grads (kernel pair order) into
-    dtws[blk, :, levels of p]."""
+def split_count(batch: int, nq: int, seg_bytes: int, sms: int | None) -> tuple[int, int]:
+    """(programs along the batch, rows each) of a backward launch with nq column programs:
+    about 4 programs per SM (sms None: the interpreter's INTERPRET_PROGRAMS), at most
+    PARTIAL_BUDGET bytes of partials of seg_bytes each, but never fewer programs than SMs."""
+    if sms is None:
+        want = INTERPRET_PROGRAMS
+    else:
+        want = triton.cdiv(4 * sms, nq)
+        want = min(want, max(PARTIAL_BUDGET // seg_bytes, triton.cdiv(sms, nq)))
+    nsplit = max(1, min(batch, want))
+    rows = triton.cdiv(batch, nsplit)
+    return triton.cdiv(batch, rows), rows  # no program without rows
+
+
+def _backward_segment(a: torch.Tensor, gy: torch.Tensor, tws: tuple, dtws: tuple, g: Geometry,
+                      blk: int, p: Pass) -> tuple[torch.Tensor, dict]:
+    """Grad of one segment's input (a's dtype); writes its twiddle grads (kernel pair
+    order) into dtws[blk, :, levels of p]."""
     width = (1 << p.c_log) * p.lob
     nq = g.n // width
     seg_off, seg = p.level0 * (g.n // 2), p.c_log * (g.n // 2)
-    item = torch.empty((), dtype=g.compute).element_size() * (2 if g.complex else 1)
-    dev = a[0].device
-    target = INTERPRET_PROGRAMS if INTERPRET else (
-        4 * torch.cuda.get_device_properties(dev).multi_processor_count)
-    nsplit = max(1, min(g.batch, triton.cdiv(target, nq), PARTIAL_BUDGET // (4 * seg * item)))
-    rows = triton.cdiv(g.batch, nsplit)
-    nsplit = triton.cdiv(g.batch, rows)  # no program without rows
-    parts = tuple(torch.empty(nsplit, 4, seg, dtype=g.compute, device=dev)
-                  for _ in range(2 if g.complex else 1))
-    gx = _new_planes(g, g.compute, a[0])
-    args = (a[0], a[-1], gy[0], gy[-1], gx[0], gx[-1], tws[0], tws[-1], parts[0], parts[-1],
-            g.batch, g.n, g.tw_len, blk, p.level0, rows, seg)
-    cfg = _launch("bwd", (nsplit, nq), args, g.consts(p, len(a) == 2), width)
+    item = torch.empty((), dtype=g.compute).element_size() * (2 if g.tw_complex else 1)
+    sms = None if INTERPRET else torch.cuda.get_device_properties(
+        a.device).multi_processor_count
+    nsplit, rows = split_count(g.batch, nq, 4 * seg * item, sms)
+    parts = tuple(torch.empty(nsplit, 4, seg, dtype=g.compute, device=a.device)
+                  for _ in range(2 if g.tw_complex else 1))
+    gx = torch.empty_like(a)
+    args = (_ptr(a), _ptr(gy), _ptr(gx), tws[0], tws[-1], parts[0], parts[-1],
+            g.batch, g.n, g.tw_len, blk, p.level0, rows, seg, rows_log2(rows))
+    cfg = _launch("bwd", (nsplit, nq), args, g.consts(p, a.is_complex()), width)
     for dtw, part in zip(dtws, parts, strict=True):
         dtw[blk, :, seg_off : seg_off + seg] = part.sum(0)
-    return gx, {**cfg, "C": 1 << p.c_log, "ST": 1 << p.level0, "LOB": p.lob, "splits": nsplit}
+    return gx, {**cfg, "C": 1 << p.c_log, "ST": 1 << p.level0, "LOB": p.lob, "splits": nsplit,
+                "rows_per_split": rows}
 
 
 def _record(direction: str, g: Geometry, launches: list[dict]) -> None:
@@ -275,42 +335,39 @@ def last_config(direction: str = "forward") -> dict:
 
 
 class ButterflyFunction(torch.autograd.Function):
-    """Autograd for the fused kernels: x (batch, n) real or complex, twiddle real or complex
-    (a complex x with a real twiddle is routed through real rows by the public function)."""
+    """Autograd for the fused kernels: x (batch, n) real or complex, twiddle real or complex."""
 
     @staticmethod
-    def forward(ctx, twiddle: torch.Tensor, x: torch.Tensor, g: Geometry,
-                out_dtype: torch.dtype) -> torch.Tensor:
-        tws = _tw_planes(twiddle, g)
-        out_real = torch.empty((), dtype=out_dtype).real.dtype
-        ys, launches = run_forward(_planes(x), tws, g, out_real, fuse=True)
+    def forward(ctx, twiddle: torch.Tensor, x: torch.Tensor, g: Geometry) -> torch.Tensor:
+        tws = tw_planes(twiddle, g)
+        y, launches = run_forward(_dense(x), tws, g, fuse=True)
         _record("forward", g, launches)
         ctx.save_for_backward(twiddle, x)
+        ctx.tws = tws  # the laid-out planes: no second re-layout in the backward
         ctx.g = g
-        return torch.complex(*ys) if g.complex else ys[0]
+        return y
 
     @staticmethod
-    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         twiddle, x = ctx.saved_tensors
         g: Geometry = ctx.g
-        tws = _tw_planes(twiddle, g)
+        tws = ctx.tws
         # recompute the input of every (block, pass) segment but the first (that is x)
-        inputs, _ = run_forward(_planes(x), tws, g, g.compute, fuse=False, keep=True)
+        inputs, _ = run_forward(_dense(x), tws, g, fuse=False, keep=True)
         # twiddle grads come in kernel pair order for tied twiddles too: unpermuted, folded below
         dtws = tuple(torch.empty(g.nblocks, 4, g.m * g.n // 2, dtype=g.compute, device=x.device)
                      for _ in tws)
-        gys, launches = _planes(gy), []
+        grad, launches = _dense(gy.to(g.buffer_dtype)), []
         for (blk, _, p), a in reversed(list(zip(g.segments(False), inputs, strict=True))):
-            gys, cfg = _backward_segment(a, gys, tws, dtws, g, blk, p)
+            grad, cfg = _backward_segment(a, grad, tws, dtws, g, blk, p)
             launches.append(cfg)
         _record("backward", g, launches)
-        gx = torch.complex(*gys) if x.is_complex() else gys[0]
         order = _order(g.n, g.passes, x.device)
         dtw = [torch.empty_like(d).index_copy_(2, order, d) for d in dtws]
         dtw = [d.transpose(1, 2).reshape(g.nblocks, g.m, g.n // 2, 2, 2) for d in dtw]
         dtw = [fold_tied(d) if g.tied else d for d in dtw]
         dtw = torch.complex(*dtw) if twiddle.is_complex() else dtw[0]
-        return dtw.to(twiddle.dtype), gx.to(x.dtype), None, None
+        return dtw.to(twiddle.dtype), grad.to(x.dtype), None
 
 
 def butterfly_multiply_triton(
@@ -328,21 +385,14 @@ def butterfly_multiply_triton(
     n, nblocks, tied = check_inputs(twiddle, x)
     if max_tile_n < 2 or max_tile_n & (max_tile_n - 1):
         raise ValueError(f"max_tile_n must be a power of two >= 2, got {max_tile_n}")
-    if x.is_complex() and not twiddle.is_complex():  # real twiddle: real and imag as rows
-        b = x.shape[0]
-        y = butterfly_multiply_triton(twiddle, torch.cat([x.real, x.imag]), increasing_stride,
-                                      max_tile_n=max_tile_n)
-        return torch.complex(y[:b], y[b:])
     real = {x.real.dtype, twiddle.real.dtype}  # .real of a real tensor is itself
     compute = torch.float64 if torch.float64 in real else torch.float32
-    is_complex = x.is_complex() or twiddle.is_complex()
-    if is_complex:
-        out_dtype = torch.complex128 if compute == torch.float64 else torch.complex64
-    else:
-        out_dtype = x.dtype if x.dtype in _LOW and compute == torch.float32 else compute
+    io = x.dtype if x.dtype in _LOW and compute == torch.float32 else compute
     m = n.bit_length() - 1
-    if n == 1 or nblocks == 0 or x.shape[0] == 0:  # identity (no levels) or empty: no launch
-        return x.to(out_dtype) + 0 * twiddle.sum().to(out_dtype)  # keeps both in the graph
-    g = Geometry(x.shape[0], n, m, nblocks, tied, increasing_stride, is_complex, compute,
+    g = Geometry(x.shape[0], n, m, nblocks, tied, increasing_stride,
+                 x.is_complex() or twiddle.is_complex(), twiddle.is_complex(), compute, io,
                  tuple(plan_passes(m, max_tile_n)))
-    return ButterflyFunction.apply(twiddle, x, g, out_dtype)
+    if n == 1 or nblocks == 0 or x.shape[0] == 0:  # identity (no levels) or empty: no launch
+        out = g.buffer_dtype
+        return x.to(out) + 0 * twiddle.sum().to(out)  # keeps both in the graph
+    return ButterflyFunction.apply(twiddle, x, g)

@@ -14,12 +14,16 @@ perfect shuffle). Shapes are therefore the same at every level, the level index 
 twiddle addresses, and code size (hence compile time) does not grow with c; after c
 rotations of c bits the tile is back in natural order.
 
-Planes: every complex number is two real planes (re, im). Twiddles arrive as planes
-(nblocks, 4, TW) of D1..D4: tied, TW = n - 1 with level L's rows at 2**L - 1 + j; untied,
-TW = m * n/2 with level L at L * n/2 + slot, permuted into the order the programs read them
-(pair_order) so that every twiddle load and twiddle-grad store is contiguous. Twiddles and
-accumulation use the twiddle planes' dtype (fp32 or fp64); x and y may be fp16 / bf16 /
-fp32 / fp64 and are converted on load / store.
+Complex data: x, y and the gradients are read and written interleaved (torch's own layout,
+passed as torch.view_as_real pointers) and split into re / im planes on chip, so a complex
+call makes no extra pass over memory. COMPLEX: the data is complex; X_CPLX: the launch's
+input is (a real input of a complex problem has im = 0); TW_CPLX: the twiddles are (a real
+twiddle on complex data applies to re and im alike). Twiddles arrive as planes (nblocks, 4,
+TW) of D1..D4 (laid out once per twiddle version by the launcher): tied, TW = n - 1 with
+level L's rows at 2**L - 1 + j; untied, TW = m * n/2 with level L at L * n/2 + slot,
+permuted into the order the programs read them (pair_order) so that every twiddle load and
+twiddle-grad store is contiguous. Twiddles and accumulation use the twiddle planes' dtype
+(fp32 or fp64); x and y may be fp16 / bf16 / fp32 / fp64 and are converted on load / store.
 """
 
 from __future__ import annotations
@@ -53,8 +57,8 @@ def _tile_offsets(n, row0, row_end, L0, q, C_LOG: tl.constexpr, LOB: tl.constexp
 
 @triton.jit
 def _twiddles(twr, twi, TW, n, L0, qb, lo0, lev, C_LOG: tl.constexpr, LOB: tl.constexpr,
-              TIED: tl.constexpr, COMPLEX: tl.constexpr):
-    """D1..D4 (re, then im; im = re when not COMPLEX) of local level lev, each (1, LOB, C/2)
+              TIED: tl.constexpr, TW_CPLX: tl.constexpr):
+    """D1..D4 (re, then im; im = re when not TW_CPLX) of local level lev, each (1, LOB, C/2)
     matching the split halves, and each half element's slot (LOB, C/2) in kernel pair order.
 
     Untied twiddles are stored in kernel order (see pair_order), so these loads are
@@ -76,7 +80,7 @@ def _twiddles(twr, twi, TW, n, L0, qb, lo0, lev, C_LOG: tl.constexpr, LOB: tl.co
     d3r = tl.expand_dims(tl.load(twr + 2 * TW + off), 0)
     d4r = tl.expand_dims(tl.load(twr + 3 * TW + off), 0)
     d1i, d2i, d3i, d4i = d1r, d2r, d3r, d4r
-    if COMPLEX:
+    if TW_CPLX:
         d1i = tl.expand_dims(tl.load(twi + off), 0)
         d2i = tl.expand_dims(tl.load(twi + TW + off), 0)
         d3i = tl.expand_dims(tl.load(twi + 2 * TW + off), 0)
@@ -156,21 +160,24 @@ def _join(tr, br, ti, bi, vi, TO_MSB: tl.constexpr, COMPLEX: tl.constexpr,
 @triton.jit
 def _fwd_step(xr, xi, twr, twi, TW, n, L0, qb, lo0, step, C_LOG: tl.constexpr,
               LOB: tl.constexpr, TIED: tl.constexpr, INCREASING: tl.constexpr,
-              COMPLEX: tl.constexpr, BLOCK_B: tl.constexpr):
+              COMPLEX: tl.constexpr, TW_CPLX: tl.constexpr, BLOCK_B: tl.constexpr):
     """Apply the step-th level (application order) to tile planes in rotated layout step."""
     lev = step if INCREASING else C_LOG - 1 - step
     d1r, d2r, d3r, d4r, d1i, d2i, d3i, d4i, _ = _twiddles(twr, twi, TW, n, L0, qb, lo0, lev,
-                                                          C_LOG, LOB, TIED, COMPLEX)
+                                                          C_LOG, LOB, TIED, TW_CPLX)
     tr, br, ti, bi = _split(xr, xi, not INCREASING, COMPLEX, BLOCK_B, LOB, C_LOG)
-    if COMPLEX:
+    if TW_CPLX:
         ytr = d1r * tr - d1i * ti + d2r * br - d2i * bi
         yti = d1r * ti + d1i * tr + d2r * bi + d2i * br
         ybr = d3r * tr - d3i * ti + d4r * br - d4i * bi
         ybi = d3r * ti + d3i * tr + d4r * bi + d4i * br
-    else:
+    else:  # real twiddles: the same real 2x2 on re and on im
         ytr = d1r * tr + d2r * br
         ybr = d3r * tr + d4r * br
         yti, ybi = ytr, ybr
+        if COMPLEX:
+            yti = d1r * ti + d2r * bi
+            ybi = d3r * ti + d4r * bi
     return _join(ytr, ybr, yti, ybi, xi, INCREASING, COMPLEX, BLOCK_B, LOB, C_LOG)
 
 
@@ -193,14 +200,15 @@ def _accumulate(ptr, SEG, off, e1, e2, e3, e4, not_first):
 @triton.jit
 def _bwd_step(ar, ai, gr, gi, twr, twi, dr, di, TW, SEG, not_first, n, L0, qb, lo0, step,
               C_LOG: tl.constexpr, LOB: tl.constexpr, TIED: tl.constexpr,
-              INCREASING: tl.constexpr, COMPLEX: tl.constexpr, BLOCK_B: tl.constexpr):
+              INCREASING: tl.constexpr, COMPLEX: tl.constexpr, TW_CPLX: tl.constexpr,
+              BLOCK_B: tl.constexpr):
     """Backward of the step-th level: a = its input (layout step), g = grad of its output
-    (layout step + 1). Adds dD_k = sum_rows g * conj(a) to partial planes dr/di at
-    lev * n/2 + slot (kernel pair order); returns g_in = conj(D)^T g (torch's complex
-    convention)."""
+    (layout step + 1). Adds dD_k = sum_rows g * conj(a) (its real part for real twiddles)
+    to partial planes dr/di at lev * n/2 + slot (kernel pair order); returns
+    g_in = conj(D)^T g (torch's complex convention)."""
     lev = step if INCREASING else C_LOG - 1 - step
     d1r, d2r, d3r, d4r, d1i, d2i, d3i, d4i, slot = _twiddles(twr, twi, TW, n, L0, qb, lo0,
-                                                             lev, C_LOG, LOB, TIED, COMPLEX)
+                                                             lev, C_LOG, LOB, TIED, TW_CPLX)
     poff = lev * (n // 2) + slot
     # a is split as the forward step splits it; g undoes the forward's join
     atr, abr, ati, abi = _split(ar, ai, not INCREASING, COMPLEX, BLOCK_B, LOB, C_LOG)
@@ -209,6 +217,9 @@ def _bwd_step(ar, ai, gr, gi, twr, twi, dr, di, TW, SEG, not_first, n, L0, qb, l
         # g * conj(a): re = gr ar + gi ai, im = gi ar - gr ai
         _accumulate(dr, SEG, poff, gtr * atr + gti * ati, gtr * abr + gti * abi,
                     gbr * atr + gbi * ati, gbr * abr + gbi * abi, not_first)
+    else:
+        _accumulate(dr, SEG, poff, gtr * atr, gtr * abr, gbr * atr, gbr * abr, not_first)
+    if TW_CPLX:
         _accumulate(di, SEG, poff, gti * atr - gtr * ati, gti * abr - gtr * abi,
                     gbi * atr - gbr * ati, gbi * abr - gbr * abi, not_first)
         # conj(D)^T g: top = conj(D1) gt + conj(D3) gb, bottom = conj(D2) gt + conj(D4) gb
@@ -217,63 +228,85 @@ def _bwd_step(ar, ai, gr, gi, twr, twi, dr, di, TW, SEG, not_first, n, L0, qb, l
         nbr = d2r * gtr + d2i * gti + d4r * gbr + d4i * gbi
         nbi = d2r * gti - d2i * gtr + d4r * gbi - d4i * gbr
     else:
-        _accumulate(dr, SEG, poff, gtr * atr, gtr * abr, gbr * atr, gbr * abr, not_first)
         ntr = d1r * gtr + d3r * gbr
         nbr = d2r * gtr + d4r * gbr
         nti, nbi = ntr, nbr
+        if COMPLEX:
+            nti = d1r * gti + d3r * gbi
+            nbi = d2r * gti + d4r * gbi
     return _join(ntr, nbr, nti, nbi, gi, not INCREASING, COMPLEX, BLOCK_B, LOB, C_LOG)
 
 
 @triton.jit
+def _load_tile(ptr, offs, mask, ref, CPLX: tl.constexpr, COMPLEX: tl.constexpr):
+    """Planes (re, im) of a (BLOCK_B, LOB, C) tile in ref's element type: interleaved
+    complex when CPLX, else real (im = zeros when COMPLEX, = re as a placeholder if not)."""
+    acc_ty = ref.dtype.element_ty
+    if CPLX:
+        two = tl.arange(0, 2)[None, None, None, :]
+        v = tl.load(ptr + (offs * 2)[:, :, :, None] + two, mask=mask[:, :, :, None], other=0.0)
+        re, im = tl.split(v.to(acc_ty))
+    else:
+        re = tl.load(ptr + offs, mask=mask, other=0.0).to(acc_ty)
+        im = re
+        if COMPLEX:
+            im = tl.zeros_like(re)
+    return re, im
+
+
+@triton.jit
+def _store_tile(ptr, offs, mask, re, im, CPLX: tl.constexpr):
+    """Store planes interleaved (CPLX) or the real plane alone, in ptr's element type."""
+    if CPLX:
+        two = tl.arange(0, 2)[None, None, None, :]
+        tl.store(ptr + (offs * 2)[:, :, :, None] + two,
+                 tl.join(re, im).to(ptr.dtype.element_ty), mask=mask[:, :, :, None])
+    else:
+        tl.store(ptr + offs, re.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def butterfly_fwd_kernel(
-    x_re, x_im, y_re, y_im, tw_re, tw_im,
-    batch, n, TW, blk0, nblk, L0,
+    x, y, tw_re, tw_im, batch, n, TW, blk0, nblk, L0, rows_log2,
     C_LOG: tl.constexpr, LOB: tl.constexpr, TIED: tl.constexpr, INCREASING: tl.constexpr,
-    COMPLEX: tl.constexpr, X_IMAG: tl.constexpr, BLOCK_B: tl.constexpr,
+    COMPLEX: tl.constexpr, X_CPLX: tl.constexpr, TW_CPLX: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """y = the levels L0 .. L0+C_LOG-1 of blocks blk0 .. blk0+nblk-1 applied to x.
 
-    x, y: (batch, n) planes (im planes used only when COMPLEX, x_im only when X_IMAG);
-    tw: (nblocks, 4, TW) planes. Grid: (cdiv(batch, BLOCK_B), n / (C * LOB)).
+    x: (batch, n), interleaved complex when X_CPLX; y: (batch, n), interleaved complex when
+    COMPLEX; tw: (nblocks, 4, TW) planes (tw_im read only when TW_CPLX). rows_log2 (the
+    batch's bucket) is only an autotuning key. Grid: (cdiv(batch, BLOCK_B), n / (C * LOB)).
     """
-    acc_ty = tw_re.dtype.element_ty
     offs, mask, qb, lo0 = _tile_offsets(n, tl.program_id(0) * BLOCK_B, batch, L0,
                                         tl.program_id(1), C_LOG, LOB, BLOCK_B)
-    xr = tl.load(x_re + offs, mask=mask, other=0.0).to(acc_ty)
-    xi = xr  # placeholder, never read unless COMPLEX
-    if COMPLEX:
-        if X_IMAG:
-            xi = tl.load(x_im + offs, mask=mask, other=0.0).to(acc_ty)
-        else:
-            xi = tl.zeros_like(xr)
+    xr, xi = _load_tile(x, offs, mask, tw_re, X_CPLX, COMPLEX)
     for b in range(blk0, blk0 + nblk):
         for step in range(C_LOG):
             xr, xi = _fwd_step(xr, xi, tw_re + b * 4 * TW, tw_im + b * 4 * TW, TW, n, L0, qb,
-                               lo0, step, C_LOG, LOB, TIED, INCREASING, COMPLEX, BLOCK_B)
-    tl.store(y_re + offs, xr.to(y_re.dtype.element_ty), mask=mask)
-    if COMPLEX:
-        tl.store(y_im + offs, xi.to(y_im.dtype.element_ty), mask=mask)
+                               lo0, step, C_LOG, LOB, TIED, INCREASING, COMPLEX, TW_CPLX,
+                               BLOCK_B)
+    _store_tile(y, offs, mask, xr, xi, COMPLEX)
 
 
 @triton.jit
 def butterfly_bwd_kernel(
-    a_re, a_im, g_re, g_im, gx_re, gx_im, tw_re, tw_im, dtw_re, dtw_im,
-    batch, n, TW, blk, L0, rows_per_split, SEG,
+    a, g, gx, tw_re, tw_im, dtw_re, dtw_im,
+    batch, n, TW, blk, L0, rows_per_split, SEG, rows_log2,
     C_LOG: tl.constexpr, LOB: tl.constexpr, TIED: tl.constexpr, INCREASING: tl.constexpr,
-    COMPLEX: tl.constexpr, X_IMAG: tl.constexpr, BLOCK_B: tl.constexpr,
+    COMPLEX: tl.constexpr, X_CPLX: tl.constexpr, TW_CPLX: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Backward of block blk's levels L0 .. L0+C_LOG-1 (one forward launch's segment).
 
-    a: the segment's input, g: grad of its output, gx: grad of its input ((batch, n)
-    planes). Program (s, q) handles rows [s * rows_per_split, (s+1) * rows_per_split) in
-    BLOCK_B row tiles and writes its twiddle grads, summed over its rows, to the partial
-    planes dtw[s, k, :SEG] (the segment's levels in kernel pair order; torch sums over s,
-    restores the untied order and folds tied twiddles). Level inputs are recomputed from
-    `a` for each level in reverse, restarting from a checkpoint kept after the first half:
+    a: the segment's input, g: grad of its output, gx: grad of its input ((batch, n); a and
+    gx interleaved complex when X_CPLX, g when COMPLEX; gx of a real input is the real part).
+    Program (s, q) handles rows [s * rows_per_split, (s+1) * rows_per_split) in BLOCK_B
+    row tiles and writes its twiddle grads, summed over its rows, to the partial planes
+    dtw[s, k, :SEG] (the segment's levels in kernel pair order; torch sums over s, restores
+    the untied order and folds tied twiddles). Level inputs are recomputed from `a` for
+    each level in reverse, restarting from a checkpoint kept after the first half:
     ~c^2/4 + c level applications for c levels and two extra tiles on chip, instead of c
-    stored tiles.
+    stored tiles. rows_log2 is only an autotuning key.
     """
-    acc_ty = tw_re.dtype.element_ty
     H: tl.constexpr = C_LOG // 2
     pid_s = tl.program_id(0)
     row_start = pid_s * rows_per_split
@@ -286,40 +319,31 @@ def butterfly_bwd_kernel(
         offs, mask, qb, lo0 = _tile_offsets(n, row0, row_end, L0, tl.program_id(1), C_LOG,
                                             LOB, BLOCK_B)
         not_first = row0 > row_start
-        ar = tl.load(a_re + offs, mask=mask, other=0.0).to(acc_ty)
-        gr = tl.load(g_re + offs, mask=mask, other=0.0).to(acc_ty)
-        ai = ar
-        gi = gr
-        if COMPLEX:
-            gi = tl.load(g_im + offs, mask=mask, other=0.0).to(acc_ty)
-            if X_IMAG:
-                ai = tl.load(a_im + offs, mask=mask, other=0.0).to(acc_ty)
-            else:
-                ai = tl.zeros_like(ar)
+        ar, ai = _load_tile(a, offs, mask, tw_re, X_CPLX, COMPLEX)
+        gr, gi = _load_tile(g, offs, mask, tw_re, COMPLEX, COMPLEX)
         ckr = ar
         cki = ai
         for step in range(H):
             ckr, cki = _fwd_step(ckr, cki, twr, twi, TW, n, L0, qb, lo0, step, C_LOG, LOB, TIED,
-                                 INCREASING, COMPLEX, BLOCK_B)
+                                 INCREASING, COMPLEX, TW_CPLX, BLOCK_B)
         # steps C_LOG-1 .. H: inputs recomputed from the checkpoint
         for rev in range(C_LOG - H):
             cr = ckr
             ci = cki
             for step in range(H, C_LOG - 1 - rev):
                 cr, ci = _fwd_step(cr, ci, twr, twi, TW, n, L0, qb, lo0, step, C_LOG, LOB, TIED,
-                                   INCREASING, COMPLEX, BLOCK_B)
+                                   INCREASING, COMPLEX, TW_CPLX, BLOCK_B)
             gr, gi = _bwd_step(cr, ci, gr, gi, twr, twi, dr, di, TW, SEG, not_first, n, L0, qb,
                                lo0, C_LOG - 1 - rev, C_LOG, LOB, TIED, INCREASING, COMPLEX,
-                               BLOCK_B)
+                               TW_CPLX, BLOCK_B)
         # steps H-1 .. 0: inputs recomputed from a
         for rev in range(H):
             cr = ar
             ci = ai
             for step in range(H - 1 - rev):
                 cr, ci = _fwd_step(cr, ci, twr, twi, TW, n, L0, qb, lo0, step, C_LOG, LOB, TIED,
-                                   INCREASING, COMPLEX, BLOCK_B)
+                                   INCREASING, COMPLEX, TW_CPLX, BLOCK_B)
             gr, gi = _bwd_step(cr, ci, gr, gi, twr, twi, dr, di, TW, SEG, not_first, n, L0, qb,
-                               lo0, H - 1 - rev, C_LOG, LOB, TIED, INCREASING, COMPLEX, BLOCK_B)
-        tl.store(gx_re + offs, gr.to(gx_re.dtype.element_ty), mask=mask)
-        if COMPLEX:
-            tl.store(gx_im + offs, gi.to(gx_im.dtype.element_ty), mask=mask)
+                               lo0, H - 1 - rev, C_LOG, LOB, TIED, INCREASING, COMPLEX, TW_CPLX,
+                               BLOCK_B)
+        _store_tile(gx, offs, mask, gr, gi, X_CPLX)
