@@ -6,6 +6,11 @@ Usage::
     with stage_run("recover", "recover-quick", params, {"commit": c}) as run:
         run.child("dft-n8-bp", params={...}, metrics={"rmse": 1e-4}, tags={})
 
+MLflow 3 entities: a child run can take dataset inputs (`DatasetRef`: name, digest = the data
+checksum, source) and logged models (`models=`, one nn.Module each, whose metrics are linked
+to the model and the dataset so that the UI's Models tab can rank them);
+`StageRun.log_factors_model` logs a learned-factors file (kernels.save_factors) the same way.
+
 mlflow is imported lazily, so importing this module stays cheap.
 
 Reliability (tests/suite/test_tracking_reliability.py): see reap_stale_runs and _init_sqlite.
@@ -21,8 +26,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +37,13 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities import DatasetInput
+    from torch import nn
 
 MAX_PARAM_VAL = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VAL = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 MAX_KEY = 250  # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH
+MAX_DIGEST = 36  # mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE
 BATCH = 100  # params + tags per log_batch request
 PROBE_TIMEOUT_S = 3.0
 HOST_TAG, PID_TAG, START_TAG = "host", "pid", "pid_start"  # who owns a RUNNING parent run
@@ -179,6 +189,70 @@ def _experiment_id(client: MlflowClient, stage: str) -> str:
         return exp.experiment_id
 
 
+@dataclass(frozen=True)
+class DatasetRef:
+    """A run's dataset input as MLflow 3 shows it: name, digest, source, context.
+
+    checksum: the data's full hex digest (e.g. the archive's sha256); MLflow stores at most
+    36 characters as the digest, so the full value also goes into the input's "checksum" tag.
+    source: a local path or an http(s) URL. profile: small JSON-able facts (counts, splits).
+    """
+
+    name: str
+    checksum: str
+    source: str
+    context: str = "training"
+    profile: Mapping[str, Any] | None = None
+
+    @property
+    def digest(self) -> str:
+        return self.checksum[:MAX_DIGEST]
+
+    def entity(self) -> DatasetInput:
+        """The mlflow.entities.DatasetInput to pass to MlflowClient.log_inputs."""
+        import json
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": local path
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(self.source)
+        ds = MetaDataset(source, name=self.name, digest=self.digest)
+        e = ds._to_mlflow_entity()  # what mlflow.log_input logs
+        profile = None if self.profile is None else json.dumps(dict(self.profile), sort_keys=True)
+        entity = Dataset(e.name, e.digest, e.source_type, e.source, e.schema, profile)
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, self.context), InputTag("checksum", self.checksum)]
+        return DatasetInput(entity, tags)
+
+
+def _signature(io_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None) -> Any:
+    """A float32 tensor-in, tensor-out ModelSignature (-1 = any batch), or None."""
+    if io_shapes is None:
+        return None
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    x, y = (Schema([TensorSpec(np.dtype("float32"), shape)]) for shape in io_shapes)
+    return ModelSignature(inputs=x, outputs=y)
+
+
+@contextmanager
+def _no_pickle_warning() -> Iterator[None]:
+    """mlflow.pytorch warns on every pickled model; the suite pickles on purpose (its layers
+    call compiled code that torch.export cannot trace)."""
+    log = logging.getLogger("mlflow.pytorch")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 class StageRun:
     """A live parent run: log to it, and add one finished child run per measured cell."""
 
@@ -189,6 +263,7 @@ class StageRun:
         self.experiment_id = experiment_id
         self.run_id = run_id
         self._tags = tags
+        self.model_ids: dict[str, str] = {}  # logged model name -> MLflow model id
 
     def _log(
         self,
@@ -242,6 +317,108 @@ class StageRun:
         """Upload one file to the parent run's artifacts."""
         self.client.log_artifact(self.run_id, str(path))
 
+    def log_dataset(self, run_id: str, dataset: DatasetRef) -> None:
+        """Log a dataset input (name, digest, source, context) on a run."""
+        self.client.log_inputs(run_id, datasets=[dataset.entity()])
+
+    def log_model(
+        self,
+        run_id: str,
+        name: str,
+        model: nn.Module,
+        *,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        model_type: str | None = None,
+        io_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+        extra_files: Sequence[str | os.PathLike[str]] = (),
+    ) -> str:
+        """Log `model` as an MLflow 3 logged model of this experiment, produced by run_id.
+
+        The module is pickled (mlflow.pytorch, `serialization_format="pickle"`): load it with
+        `mlflow.pytorch.load_model("models:/<model_id>")` where the suite is installed. Returns
+        the model id; the model ends READY, or FAILED if saving raised.
+        """
+        import mlflow.pytorch
+        import torch
+
+        model_tags = {**self._tags, **to_tags(tags or {})}
+        model_tags = {k: v for k, v in model_tags.items() if not k.startswith("mlflow.")}
+        logged = self.client.create_logged_model(
+            self.experiment_id,
+            name=_key(name),
+            source_run_id=run_id,
+            tags=model_tags,
+            params=to_params(params or {}),
+            model_type=model_type,
+        )
+        status = "FAILED"
+        try:
+            with _no_pickle_warning():
+                mlflow.pytorch.log_model(
+                    model,
+                    name=_key(name),
+                    run_id=run_id,
+                    model_id=logged.model_id,
+                    serialization_format="pickle",
+                    signature=_signature(io_shapes),
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                    extra_files=[str(f) for f in extra_files] or None,
+                )
+            status = "READY"
+        finally:
+            self.client.finalize_logged_model(logged.model_id, status)
+        return logged.model_id
+
+    def log_model_metrics(
+        self,
+        run_id: str,
+        model_id: str,
+        metrics: Mapping[str, Any],
+        dataset: DatasetRef | None = None,
+    ) -> None:
+        """Log metrics on run_id linked to a logged model (and the dataset they were measured
+        on): the UI's Models tab shows and sorts by them. Keys the model already has (MLflow
+        copies a run's step-0 metrics onto a model logged after them) are skipped."""
+        from mlflow.entities import Metric
+
+        have = {m.key for m in self.client.get_logged_model(model_id).metrics or []}
+        metrics = {k: v for k, v in to_metrics(metrics).items() if k not in have}
+        now = int(time.time() * 1000)
+        where = {} if dataset is None else {"dataset_name": dataset.name,
+                                            "dataset_digest": dataset.digest}  # fmt: skip
+        ms = [Metric(k, v, now, 0, model_id=model_id, **where)
+              for k, v in to_metrics(metrics).items()]  # fmt: skip
+        for i in range(0, len(ms), 1000):
+            self.client.log_batch(run_id, metrics=ms[i : i + 1000], synchronous=True)
+
+    def log_factors_model(
+        self,
+        run_id: str,
+        name: str,
+        factors: str | os.PathLike[str],
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Log a learned-factors file (kernels.save_factors) as a logged model of run_id.
+
+        The model is the module kernels.load_factors rebuilds (y = model(x) for x of shape
+        (batch, n)); the original file rides along as an extra file. metrics (e.g. rmse) are
+        linked to the model. Returns the model id.
+        """
+        from kernels import load_factors
+
+        module = load_factors(factors)
+        model_id = self.log_model(
+            run_id, name, module, params=params, tags=tags, model_type="butterfly-factors",
+            extra_files=[factors],
+        )  # fmt: skip
+        if metrics:
+            self.log_model_metrics(run_id, model_id, metrics)
+        return model_id
+
     def child(
         self,
         name: str,
@@ -250,18 +427,39 @@ class StageRun:
         tags: Mapping[str, Any],
         artifacts: Sequence[str | os.PathLike[str]] = (),
         history: Sequence[Mapping[str, Any]] = (),
+        *,
+        datasets: Sequence[DatasetRef] = (),
+        models: Mapping[str, nn.Module] | None = None,
+        model_type: str | None = None,
+        io_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     ) -> str:
         """Create a nested run, log everything, end it FINISHED; return its run id.
 
         The child inherits the parent's tags (commit, profile, device...); tags override them.
         history: per-step metrics (a learning curve), one mapping per step with a "step" key.
+        datasets: dataset inputs of the run. models: name -> module, each logged as an MLflow 3
+        logged model with the run's params and tags; the metrics are then linked to each model
+        and to the first dataset. The ids are in `self.model_ids[name]`.
         """
         all_tags = {**self._tags, **to_tags(tags), "mlflow.parentRunId": self.run_id}
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         run_id = run.info.run_id
         status = "FAILED"
         try:
-            self._log(run_id, params=params, metrics=metrics)
+            self._log(run_id, params=params)
+            for ds in datasets:
+                self.log_dataset(run_id, ds)
+            ids = [
+                self.log_model(run_id, model_name, module, params=params, tags=tags,
+                               model_type=model_type, io_shapes=io_shapes)
+                for model_name, module in (models or {}).items()
+            ]  # fmt: skip
+            self.model_ids.update(zip(models or {}, ids, strict=True))
+            if ids:
+                for model_id in ids:
+                    self.log_model_metrics(run_id, model_id, metrics, next(iter(datasets), None))
+            else:
+                self._log(run_id, metrics=metrics)
             self._log_history(run_id, history)
             for path in artifacts:
                 self.client.log_artifact(run_id, str(path))
@@ -351,6 +549,14 @@ def stage_run(
 
 
 __all__ = [
-    *("StageRun", "TrackingUnavailable", "artifact_root", "configure", "flatten", "owner_tags"),
+    *(
+        "DatasetRef",
+        "StageRun",
+        "TrackingUnavailable",
+        "artifact_root",
+        "configure",
+        "flatten",
+        "owner_tags",
+    ),
     *("reap_stale_runs", "stage_run", "store_uri", "to_params", "to_metrics", "to_tags"),
 ]
