@@ -2,8 +2,10 @@
 
 compress: params + outputs/cifar10 -> outputs/compress/<method>/ (rows.csv, curves.csv,
 seed<k>.pt, environment.json), written whole or not at all; an MLflow parent run per call with
-a child run per seed holding the learning curve. compress-report: every method's rows.csv ->
-reports/compression.csv, .md, metrics and the accuracy-against-parameters figure.
+a child run per seed holding the learning curve, the CIFAR-10 dataset input (digest = the data
+checksum) and the best-validation net as an MLflow 3 logged model with its metrics linked.
+compress-report: every method's rows.csv -> reports/compression.csv, .md, metrics and the
+accuracy-against-parameters figure.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import torch
 from suite import compression_report, environment, paper, params, results, tracking
 
 CURVE_COLUMNS = ("method", "seed", "lr", "epoch", "train_loss", "val_accuracy", "seconds")
+PROTOCOL_COLUMNS = ("stopped_by", "still_improving", "patience", "max_epochs", "lr_search")
+"""Written beside results.COMPRESSION_COLUMNS: how each run ended and what the lr search saw."""
+MODEL_TYPE = "cifar10-hidden-layer-net"
 
 
 def _log(msg: str) -> None:
@@ -51,14 +56,33 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def _row(rec: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    row = {k: v for k, v in rec.items() if k not in ("curve", "state", "lr_candidates")}
+    row = {k: v for k, v in rec.items() if k not in ("curve", "state", "net", "lr_candidates")}
     row["compression_factor"] = paper.compression_factor(int(rec["hidden_params"]))
     return {**row, **extra}
 
 
+def dataset_ref(prov: dict[str, Any]) -> tracking.DatasetRef:
+    """The CIFAR-10 source as an MLflow dataset input: the DVC-tracked file under data/."""
+    return tracking.DatasetRef(
+        name=f"cifar10-{prov['source_kind']}",
+        checksum=prov["source_sha256"],
+        source=f"data/{prov['source_name']}",
+        profile={k: prov.get(k) for k in ("n_train", "n_test", "arrays_sha256", "source_kind")},
+    )
+
+
+def _metrics(row: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers (flags as 0/1) of a row, minus its keys."""
+    return {
+        k: float(v)
+        for k, v in row.items()
+        if isinstance(v, int | float) and k not in ("seed", "run_id") and math.isfinite(float(v))
+    }
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from tasks import cifar10
-    from tasks.compression import run_method
+    from tasks.compression import N_CLASSES, N_FEATURES, run_method
 
     profile, p = compress_params(args.params, args.profile)
     if args.method not in p.methods:
@@ -81,10 +105,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     run_name = f"compress-{args.method}-{profile}-{fp['commit'][:8]}"
     _log(f"[compress] {args.method} profile={profile} tracking={uri}")
     rows, curves = [], []
+    data = dataset_ref(prov)
     try:
         with tracking.stage_run(
             "compress", run_name, {"profile": profile, **asdict(p)}, tags
         ) as run:
+            run.log_dataset(run.run_id, data)
             for rec in run_method(args.method, arrays, p, _log):
                 row = _row(
                     rec,
@@ -105,21 +131,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
                     curves.append(
                         {"method": args.method, "seed": rec["seed"], "lr": rec["lr"], **c}
                     )
-                metrics = {
-                    k: row[k]
-                    for k in results.COMPRESSION_COLUMNS
-                    if isinstance(row.get(k), int | float) and k not in ("seed", "run_id")
-                }
+                name = f"{args.method}-seed{rec['seed']}"
                 run.child(
-                    f"{args.method}-seed{rec['seed']}",
+                    name,
                     {
                         "method": args.method,
                         "seed": rec["seed"],
                         "lr": rec["lr"],
                         "lr_candidates": rec["lr_candidates"],
+                        "lr_search": rec["lr_search"],
+                        "profile": profile,
                     },
-                    {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))},
-                    {"method": args.method, "seed": str(rec["seed"])},
+                    _metrics(row),
+                    {"method": args.method, "seed": str(rec["seed"]),
+                     "stopped_by": rec["stopped_by"]},
                     [ckpt],
                     [
                         {
@@ -129,10 +154,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
                         }
                         for c in rec["curve"]
                     ],
-                )
+                    datasets=[data],
+                    models={name: rec["net"]},
+                    model_type=MODEL_TYPE,
+                    io_shapes=((-1, N_FEATURES), (-1, N_CLASSES)),
+                )  # fmt: skip
                 rows.append(row)
             df = pd.DataFrame(rows)
-            results.write_table(df, work / "rows.csv", results.COMPRESSION_COLUMNS)
+            cols = (*results.COMPRESSION_COLUMNS, *PROTOCOL_COLUMNS)
+            results.write_table(df, work / "rows.csv", cols)
             results.write_table(pd.DataFrame(curves), work / "curves.csv", CURVE_COLUMNS)
             results.atomic_write_json(work / "environment.json", fp)
             run.log_metrics(

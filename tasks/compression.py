@@ -5,6 +5,11 @@ The network is x -> W x + b -> ReLU -> Linear(n, 10) with W the n x n layer unde
 standardisation with the statistics of the training part, a seeded validation split, Adam,
 early stopping on validation accuracy, test accuracy of the best-validation checkpoint.
 
+Early stopping decides when every run ends: `patience` epochs without a validation gain of
+more than `min_delta` points. `max_epochs` (and `max_seconds`) only guard against runaways: a
+run stopped by one is flagged (`stopped_by`), and `still_improving` says whether its best
+validation epoch was within the last `patience` epochs when it was cut off.
+
 A task takes params and a `log` callback and returns records; it never touches MLflow or DVC.
 """
 
@@ -38,16 +43,18 @@ class CompressParams:
 
     methods: list[str]
     seeds: list[int]
-    lrs: list[float]
+    lrs: list[float]  # candidates searched on validation accuracy with the first seed
+    method_lrs: dict[str, list[float]] = field(default_factory=dict)  # per-method candidates
     n_train: int | None = None
     n_test: int | None = None
     val_fraction: float = 0.15
     split_seed: int = 0
     batch_size: int = 256
-    max_epochs: int = 30
-    patience: int = 4
-    finetune_epochs: int = 10
-    max_seconds: float | None = None  # wall-clock cap per training run (checked each epoch)
+    max_epochs: int = 30  # runaway guard; a run that reaches it is flagged
+    patience: int = 4  # epochs without a validation gain before a run stops
+    min_delta: float = 0.0  # validation accuracy points a gain must exceed
+    finetune_epochs: int = 10  # runaway guard of the fine-tune after a projection
+    max_seconds: float | None = None  # runaway guard per training run (checked each epoch)
     threads: int = 2
     latency_threads: int = 1
     latency_repeats: int = 50
@@ -59,13 +66,22 @@ class CompressParams:
                 raise ValueError(f"unknown method {m!r} (allowed: {', '.join(sorted(allowed))})")
         if not self.seeds or not self.lrs:
             raise ValueError("seeds and lrs must not be empty")
+        for m, lrs in self.method_lrs.items():
+            if m not in allowed or not lrs:
+                raise ValueError(f"method_lrs: {m!r} needs a known method and >= 1 lr")
+        if self.min_delta < 0:
+            raise ValueError(f"min_delta must be >= 0, got {self.min_delta}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         for name in ("batch_size", "max_epochs", "patience", "threads", "latency_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if any(lr <= 0 for lr in self.lrs):
-            raise ValueError(f"learning rates must be > 0, got {self.lrs}")
+        if any(lr <= 0 for lrs in (self.lrs, *self.method_lrs.values()) for lr in lrs):
+            raise ValueError(f"learning rates must be > 0, got {self.lrs} {self.method_lrs}")
+
+    def lrs_for(self, method: str) -> list[float]:
+        """The learning rates searched for `method`."""
+        return list(self.method_lrs.get(method, self.lrs))
 
 
 @dataclass
@@ -147,6 +163,17 @@ def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2048
     return 100.0 * correct / max(1, len(y))
 
 
+STOP_REASONS = ("patience", "epoch_cap", "time_cap", "diverged")
+"""Why a run ended: early stopping, a runaway guard (flagged), or a non-finite loss."""
+CAPS = ("epoch_cap", "time_cap")
+
+
+def still_improving(stopped_by: str, epochs: int, best_epoch: int, patience: int) -> bool:
+    """A run cut off by a cap whose best validation epoch lies within its last `patience`
+    epochs: early stopping had not yet decided, so more training could have helped."""
+    return stopped_by in CAPS and epochs - best_epoch < patience
+
+
 @dataclass
 class Trained:
     """Outcome of one training run: the best-validation state and the learning curve."""
@@ -156,9 +183,33 @@ class Trained:
     best_epoch: int
     epochs: int
     seconds: float
-    diverged: bool = False
-    capped: bool = False
+    stopped_by: str = "patience"
     curve: list[dict[str, float]] = field(default_factory=list)
+    pre: Trained | None = None  # the dense phase of a projected method
+
+    @property
+    def diverged(self) -> bool:
+        return self.stopped_by == "diverged"
+
+    @property
+    def capped(self) -> bool:
+        """Stopped by a runaway guard (epoch or time cap), not by early stopping."""
+        return self.stopped_by in CAPS
+
+
+def _stop_reason(
+    epoch: int, best_epoch: int, loss: float, elapsed: float, epochs: int, p: CompressParams
+) -> str | None:
+    """Why training stops after `epoch`, or None to go on; patience wins over the caps."""
+    if not math.isfinite(loss):
+        return "diverged"
+    if epoch - best_epoch >= p.patience:
+        return "patience"
+    if epoch >= epochs:
+        return "epoch_cap"
+    if p.max_seconds is not None and elapsed >= p.max_seconds:
+        return "time_cap"
+    return None
 
 
 def train(
@@ -171,7 +222,10 @@ def train(
     log: Log,
     label: str,
 ) -> Trained:
-    """Adam with early stopping on validation accuracy; net ends at its best checkpoint."""
+    """Adam with early stopping on validation accuracy; net ends at its best checkpoint.
+
+    `epochs` is the runaway cap; see _stop_reason for the order of the stopping rules.
+    """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
@@ -189,30 +243,22 @@ def train(
             opt.step()
             total, count = total + float(loss.detach()) * len(idx), count + len(idx)
         train_loss = total / count
-        val = accuracy(net, f.x_val, f.y_val)
+        val = accuracy(net, f.x_val, f.y_val) if math.isfinite(train_loss) else math.nan
+        elapsed = time.perf_counter() - t0
         best.curve.append(
-            {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_accuracy": val,
-                "seconds": time.perf_counter() - t0,
-            }
+            {"epoch": epoch, "train_loss": train_loss, "val_accuracy": val, "seconds": elapsed}
         )
         best.epochs = epoch
         log(f"[compress] {label} epoch {epoch}: loss {train_loss:.4f} val {val:.2f}%")
-        if not math.isfinite(train_loss):
-            best.diverged = True
-            break
-        if val > best.val_accuracy or best.best_epoch == 0:
+        if math.isfinite(val) and (val > best.val_accuracy + p.min_delta or best.best_epoch == 0):
             best.state, best.val_accuracy, best.best_epoch = (
                 copy.deepcopy(net.state_dict()),
                 val,
                 epoch,
             )
-        elif epoch - best.best_epoch >= p.patience:
-            break
-        if p.max_seconds is not None and time.perf_counter() - t0 >= p.max_seconds:
-            best.capped = epoch < epochs
+        reason = _stop_reason(epoch, best.best_epoch, train_loss, elapsed, epochs, p)
+        if reason is not None:
+            best.stopped_by = reason
             break
     best.seconds = time.perf_counter() - t0
     net.load_state_dict(best.state)
@@ -260,7 +306,11 @@ def _fresh_net(method: str, seed: int) -> HiddenNet:
 
 
 def _fit(method: str, f: Features, lr: float, seed: int, p: CompressParams, log: Log):
-    """Train one method at one lr and seed; projected methods pre-train dense first."""
+    """Train one method at one lr and seed; projected methods pre-train dense first.
+
+    Returns (net, trained, projected val accuracy or None); for a projected method
+    trained.pre holds the dense phase (its curve comes first in trained.curve).
+    """
     label = f"{method} seed={seed} lr={lr:g}"
     if method not in PROJECTED:
         net = _fresh_net(method, seed)
@@ -277,7 +327,7 @@ def _fit(method: str, f: Features, lr: float, seed: int, p: CompressParams, log:
     log(f"[compress] {label}: dense val {pre.val_accuracy:.2f}% -> projected {projected:.2f}%")
     fine = train(net, f, lr, p.finetune_epochs, p, seed + 1, log, f"{label} (fine-tune)")
     fine.seconds += pre.seconds
-    fine.capped = fine.capped or pre.capped
+    fine.pre = pre
     fine.curve = pre.curve + [
         {**c, "epoch": c["epoch"] + pre.epochs, "seconds": c["seconds"] + pre.seconds}
         for c in fine.curve
@@ -285,24 +335,41 @@ def _fit(method: str, f: Features, lr: float, seed: int, p: CompressParams, log:
     return net, fine, projected
 
 
+def _flags(t: Trained, p: CompressParams) -> dict[str, Any]:
+    """Stop reason and the cap flags of a run, over both phases of a projected method."""
+    phases = [t] if t.pre is None else [t.pre, t]
+    improving = any(
+        still_improving(x.stopped_by, x.epochs, x.best_epoch, p.patience) for x in phases
+    )
+    return {
+        "stopped_by": t.stopped_by
+        if t.pre is None or not t.pre.capped
+        else f"dense phase {t.pre.stopped_by}; fine-tune {t.stopped_by}",
+        "diverged": any(x.diverged for x in phases),
+        "budget_capped": any(x.capped for x in phases),
+        "still_improving": improving,
+    }
+
+
 def run_method(
     method: str, arrays: dict[str, np.ndarray], p: CompressParams, log: Log
 ) -> list[dict[str, Any]]:
     """Train `method` for every seed (after an lr search on validation if several lrs).
 
-    Returns one record per seed: accuracies, parameter counts, latency, learning curve and
-    the best-validation state dict (key "state").
+    Returns one record per seed: accuracies, parameter counts, stop reason and cap flags,
+    latency, learning curve, the best-validation state dict ("state") and the net ("net").
     """
     torch.set_num_threads(p.threads)
     f = make_features(arrays, p)
     log(f"[compress] {method}: features {f.counts()}")
-    first = p.seeds[0]
+    first, lrs = p.seeds[0], p.lrs_for(method)
     runs: dict[float, tuple[HiddenNet, Trained, float | None]] = {}
-    for lr in p.lrs:
+    for lr in lrs:
         runs[lr] = _fit(method, f, lr, first, p, log)
-    lr = max(p.lrs, key=lambda r: (runs[r][1].val_accuracy, -r))
-    if len(p.lrs) > 1:
-        log(f"[compress] {method}: lr search picked {lr:g} on validation accuracy")
+    lr = max(lrs, key=lambda r: (runs[r][1].val_accuracy, -r))
+    search = " ".join(f"{r:g}:{runs[r][1].val_accuracy:.2f}" for r in lrs)
+    if len(lrs) > 1:
+        log(f"[compress] {method}: lr search (val %) {search} -> {lr:g}")
     records = []
     for seed in p.seeds:
         net, trained, projected = runs[lr] if seed == first else _fit(method, f, lr, seed, p, log)
@@ -310,7 +377,8 @@ def run_method(
             "method": method,
             "seed": seed,
             "lr": lr,
-            "lr_candidates": list(p.lrs),
+            "lr_candidates": lrs,
+            "lr_search": search,
             "hidden_params": _count(net.hidden),
             "total_params": _count(net),
             "val_accuracy": trained.val_accuracy,
@@ -318,17 +386,21 @@ def run_method(
             "projected_val_accuracy": math.nan if projected is None else projected,
             "epochs": trained.epochs,
             "best_epoch": trained.best_epoch,
-            "diverged": trained.diverged,
-            "budget_capped": trained.capped,
+            **_flags(trained, p),
+            "patience": p.patience,
+            "max_epochs": p.max_epochs if projected is None else p.finetune_epochs,
             "seconds": trained.seconds,
             "curve": trained.curve,
             "state": trained.state,
+            "net": net,
             **{f"n_{k}": v for k, v in f.counts().items()},
         }
         record.update(measure_latency(net, p, seed))
+        flag = " (hit a cap while still improving)" if record["still_improving"] else ""
         log(
             f"[compress] {method} seed={seed}: test {record['test_accuracy']:.2f}% "
-            f"(val {trained.val_accuracy:.2f}%), {record['hidden_params']} hidden params"
+            f"(val {trained.val_accuracy:.2f}%), {record['hidden_params']} hidden params, "
+            f"stopped by {record['stopped_by']}{flag}"
         )
         records.append(record)
     return records

@@ -1,4 +1,7 @@
-"""The compression task: features, training with early stopping, projection, latency."""
+"""The compression task: features, training with early stopping, projection, latency.
+
+Stopping protocol: early stopping ends a run; the epoch and time caps are runaway guards whose
+rows are flagged; `still_improving` marks a capped run whose best epoch was recent."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from tasks.compression import (
     grayscale,
     make_features,
     run_method,
+    still_improving,
     train,
 )
 
@@ -98,11 +102,72 @@ def test_early_stopping_after_patience_epochs_without_gain() -> None:
     net = _net()
     out = train(net, f, 1e-12, 20, _params(patience=2), 0, lambda _: None, "t")
     assert out.best_epoch == 1 and out.epochs == 3  # best at 1, then 2 epochs without gain
+    assert out.stopped_by == "patience" and not out.capped and not out.diverged
+    # patience runs out exactly at the cap: early stopping decided, not the cap
+    out = train(_net(), f, 1e-12, 3, _params(patience=2), 0, lambda _: None, "t")
+    assert (out.epochs, out.stopped_by) == (3, "patience")
+
+
+@pytest.mark.parametrize(
+    ("stopped_by", "epochs", "best", "patience", "expected"),
+    [
+        ("epoch_cap", 10, 10, 3, True),  # best at the last epoch: still improving
+        ("epoch_cap", 10, 8, 3, True),  # 2 epochs since the best < patience 3
+        ("epoch_cap", 10, 7, 3, False),  # 3 epochs without gain: early stopping would stop
+        ("time_cap", 4, 4, 5, True),
+        ("patience", 10, 7, 3, False),  # early stopping decided
+        ("diverged", 2, 1, 3, False),
+    ],
+)
+def test_still_improving_detector(
+    stopped_by: str, epochs: int, best: int, patience: int, expected: bool
+) -> None:
+    assert still_improving(stopped_by, epochs, best, patience) is expected
+
+
+def test_epoch_cap_is_flagged_as_still_improving() -> None:
+    f = make_features(_arrays(), _params())
+    out = train(_net(), f, 1e-3, 2, _params(patience=5), 0, lambda _: None, "t")
+    assert (out.epochs, out.stopped_by) == (2, "epoch_cap") and out.capped
+    assert still_improving(out.stopped_by, out.epochs, out.best_epoch, 5)
+
+
+def test_time_cap_and_divergence_are_reasons() -> None:
+    f = make_features(_arrays(), _params())
+    out = train(_net(), f, 1e-3, 10, _params(patience=5, max_seconds=0.0), 0, print, "t")
+    assert (out.epochs, out.stopped_by) == (1, "time_cap") and out.capped
+    net = _net()
+    with torch.no_grad():
+        net.out.weight[0, 0] = math.nan
+    out = train(net, f, 1e-3, 10, _params(patience=5), 0, lambda _: None, "t")
+    assert (out.epochs, out.stopped_by) == (1, "diverged") and out.diverged and not out.capped
+
+
+def test_min_delta_demands_a_real_gain() -> None:
+    f = make_features(_arrays(), _params())
+    out = train(_net(), f, 1e-3, 10, _params(patience=2, min_delta=100.0), 0, print, "t")
+    assert out.best_epoch == 1 and out.epochs == 3 and out.stopped_by == "patience"
 
 
 def test_unknown_method_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown method 'dense2'"):
         _params(methods=["dense2"]).validate()
+    with pytest.raises(ValueError, match="method_lrs"):
+        _params(method_lrs={"dense2": [1e-3]}).validate()
+    with pytest.raises(ValueError, match="learning rates must be > 0"):
+        _params(method_lrs={"dense": [0.0]}).validate()
+
+
+def test_per_method_lr_search_picks_on_validation() -> None:
+    p = _params(method_lrs={"dense": [1e-12, 1e-3]}, max_epochs=3, patience=3)
+    (rec,) = run_method("dense", _arrays(), p, lambda _: None)
+    assert rec["lr"] == 1e-3 and rec["lr_candidates"] == [1e-12, 1e-3]
+    seen = {k: float(v) for k, v in (x.split(":") for x in rec["lr_search"].split())}
+    assert seen["0.001"] == pytest.approx(rec["val_accuracy"], abs=0.01)
+    assert seen["0.001"] > seen["1e-12"]
+    assert rec["stopped_by"] == "epoch_cap" and rec["budget_capped"] and rec["still_improving"]
+    f = make_features(_arrays(), p)
+    assert accuracy(rec["net"], f.x_test, f.y_test) == rec["test_accuracy"]  # the returned net
 
 
 @pytest.mark.parametrize("method", ["bp_real", "dense_to_monarch"])
@@ -117,5 +182,9 @@ def test_run_method_records(method: str) -> None:
     assert 0 <= rec["test_accuracy"] <= 100 and rec["n_val"] == 18
     assert math.isnan(rec["projected_val_accuracy"]) == (method == "bp_real")
     assert all(rec[f"latency_{w}_b{b}_ms"] > 0 for w in ("hidden", "net") for b in (1, 256))
+    assert rec["patience"] == 2 and rec["budget_capped"]  # both caps are hit in 2 + 1 epochs
     if method == "dense_to_monarch":  # dense phase (2 epochs) + fine-tune (1 epoch)
-        assert rec["epochs"] == 1 and len(rec["curve"]) == 3
+        assert rec["epochs"] == 1 and len(rec["curve"]) == 3 and rec["max_epochs"] == 1
+        assert rec["stopped_by"] == "dense phase epoch_cap; fine-tune epoch_cap"
+    else:
+        assert rec["stopped_by"] == "epoch_cap" and rec["max_epochs"] == 2
