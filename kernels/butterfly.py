@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernels.cpu import CPUButterfly
-from kernels.multiply import butterfly_multiply
+from kernels.multiply import PlanCache, butterfly_multiply
 from kernels.permutation import Permutation, permute_level_transpose
 from kernels.reference import log2_exact
 
@@ -103,33 +102,20 @@ class Butterfly(nn.Module):
         """The twiddle as a real or complex tensor in the layout of kernels/reference.py."""
         return torch.view_as_complex(self.twiddle) if self.complex else self.twiddle
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_plan": None}  # the plan holds ctypes buffers: not copied
-
     def train(self, mode: bool = True) -> Butterfly:
-        self._plan = None  # a mode switch drops the inference plan (weights may have changed)
+        self._cpu_plan().clear()  # a mode switch drops the inference plan (weights may change)
         return super().train(mode)
 
-    def _cpu_plan(self, x: torch.Tensor) -> CPUButterfly | None:
-        """A packed compiled-loop plan for CPU inference (eval mode, no grad, real floats).
+    def _cpu_plan(self) -> PlanCache:
+        """Where kernels.multiply keeps this layer's packed CPU inference plan.
 
-        Keyed on the twiddle's storage and version counter, and dropped by train()/eval():
+        Keyed on the twiddle's storage and version counter, and cleared by train()/eval():
         after editing weights through `.data` (which bypasses the version counter), call eval().
         """
-        if (
-            self.training
-            or self.complex
-            or torch.is_grad_enabled()
-            or x.device.type != "cpu"
-            or x.dtype not in (torch.float32, torch.float64)
-        ):
-            return None
-        key = (self.twiddle.data_ptr(), self.twiddle._version, x.dtype)
-        plan = getattr(self, "_plan", None)
-        if plan is None or plan[0] != key:
-            plan = (key, CPUButterfly(self.twiddle.detach(), self.increasing_stride, dtype=x.dtype))
-            self._plan = plan
-        return plan[1]
+        plans = self.__dict__.get("_plans")
+        if plans is None:  # modules pickled before the cache existed
+            plans = self._plans = PlanCache()
+        return plans
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -141,12 +127,10 @@ class Butterfly(nn.Module):
         else:
             if self.in_features < self.n:
                 x = nn.functional.pad(x, (0, self.n - self.in_features))
-            plan = self._cpu_plan(x)
-            if plan is not None:
-                y = plan(x)
-            else:
-                y = butterfly_multiply(self.twiddle_tensor(), x, self.increasing_stride)
-        y = y[:, : self.out_features]
+            cache = None if self.training else self._cpu_plan()
+            y = butterfly_multiply(self.twiddle_tensor(), x, self.increasing_stride, cache=cache)
+        if self.out_features < y.shape[1]:
+            y = y[:, : self.out_features]
         if self.bias is not None:
             y = y + (torch.view_as_complex(self.bias) if self.complex else self.bias)
         return y.reshape(*lead, self.out_features)

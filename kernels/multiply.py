@@ -1,27 +1,96 @@
-"""The one entry point for a butterfly multiply: picks the best available implementation.
+"""The one entry point for a butterfly multiply: the choice of implementation lives here.
 
-CUDA tensors go to the fused Triton kernels (kernels/triton); every other device runs the
-vectorised torch path of kernels/reference.py (one einsum per factor).
+`route(twiddle, x)` names the path a call takes; `butterfly_multiply` takes it:
+
+- "triton": CUDA tensors, the fused Triton kernels (kernels/triton), with autograd.
+- "cpu-rows": CPU, real float32/float64, no gradient needed, batch up to ROWS_MAX_BATCH: the
+  packed in-place C row loop (kernels.cpu.CPUButterfly; its vectorised torch fallback at any
+  batch when there is no C compiler), cached in a `PlanCache` when one is passed.
+- "cpu-tiled": CPU, float32/float64/complex64/complex128 otherwise: the tiled C forward and
+  backward (kernels.cpu.tiled), with autograd.
+- "reference": everything else (other dtypes or devices, gradients or complex without a C
+  compiler): the torch oracle of kernels/reference.py, with autograd. The C kernels' absence
+  is warned about once (kernels.cpu.compiled); BUTTERFLY_CPU_BACKEND=torch forces it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels.cpu import CPUButterfly
+from kernels.cpu.compiled import forced_torch, library
+from kernels.cpu.tiled import butterfly_multiply_tiled, tiled_dtype
 from kernels.reference import butterfly_multiply_reference
+
+ROW_DTYPES = (torch.float32, torch.float64)
+ROWS_MAX_BATCH = 64  # the row loop beats the tiled forward up to here (kernels/cpu/bench.py)
+
+
+class PlanCache:
+    """The packed row-loop plan of one twiddle, rebuilt when the twiddle changes.
+
+    Keyed on the twiddle's storage, version counter, dtype and stride order; an edit through
+    `.data` bypasses the version counter: call `clear()` after one.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._plan: CPUButterfly | None = None
+
+    def clear(self) -> None:
+        self._key, self._plan = None, None
+
+    def get(self, twiddle: torch.Tensor, increasing: bool, dtype: torch.dtype) -> CPUButterfly:
+        key = (twiddle.data_ptr(), twiddle._version, dtype, increasing, twiddle.shape)
+        if key != self._key or self._plan is None:
+            self._plan = CPUButterfly(twiddle.detach(), increasing, dtype=dtype)
+            self._key = key
+        return self._plan
+
+    def __getstate__(self) -> dict:
+        return {"_key": None, "_plan": None}  # the plan holds ctypes buffers: not copied
+
+
+def _needs_grad(twiddle: torch.Tensor, x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (twiddle.requires_grad or x.requires_grad)
+
+
+def route(twiddle: torch.Tensor, x: torch.Tensor) -> str:
+    """The path butterfly_multiply(twiddle, x) takes: see the module doc."""
+    if x.is_cuda:
+        return "triton"
+    dtype = tiled_dtype(twiddle, x)
+    if dtype is None:
+        return "reference"
+    compiled = not forced_torch() and library() is not None
+    if dtype in ROW_DTYPES and not _needs_grad(twiddle, x):
+        if not compiled or (x.dim() == 2 and x.shape[0] <= ROWS_MAX_BATCH):
+            return "cpu-rows"  # without a compiler: the plan's vectorised torch fallback
+    return "cpu-tiled" if compiled else "reference"
 
 
 def butterfly_multiply(
-    twiddle: torch.Tensor, x: torch.Tensor, increasing_stride: bool = True
+    twiddle: torch.Tensor,
+    x: torch.Tensor,
+    increasing_stride: bool = True,
+    *,
+    cache: PlanCache | None = None,
 ) -> torch.Tensor:
     """y = B x for x (batch, n).
 
     twiddle: tied (nblocks, n-1, 2, 2) or untied (nblocks, m, n/2, 2, 2), real or complex.
+    cache: where the row loop keeps its packed twiddle between calls (Butterfly passes one).
     """
-    if x.is_cuda:
+    path = route(twiddle, x)
+    if path == "triton":
         # imported lazily: Triton decides at import whether to interpret its kernels, and
         # CPU-only callers should not pay for importing it
         from kernels.triton import butterfly_multiply_triton
 
         return butterfly_multiply_triton(twiddle, x, increasing_stride)
+    if path == "cpu-rows":
+        plan = (cache or PlanCache()).get(twiddle, increasing_stride, x.dtype)
+        return plan(x)
+    if path == "cpu-tiled":
+        return butterfly_multiply_tiled(twiddle, x, increasing_stride)
     return butterfly_multiply_reference(twiddle, x, increasing_stride)

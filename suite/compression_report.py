@@ -2,11 +2,18 @@
 
 The claim under test (abstract): the best butterfly layer beats the unconstrained layer by
 3.9 points with 40X fewer parameters (the paper's compression factor) and 4X faster inference.
+
+Honesty rules of the headline: it uses the best profile present (paper > quick > smoke) and
+says which; the best butterfly is chosen on validation accuracy; the gap is the mean over
+seeds of the paired (same seed) test-accuracy difference with a 95% t-interval; and the gap's
+verdict is "provisional (...)" when a row it rests on hit a runaway cap, the dense baseline
+stopped while still improving, or the rows do not record how training stopped.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from suite import paper  # noqa: E402
 from suite.report import _require, _save_figure  # noqa: E402
@@ -36,6 +44,9 @@ FAMILIES = (
 PAPER_GAP = paper.abstract_claim("accuracy_gain_points").value
 PAPER_PARAM_RATIO = paper.abstract_claim("parameter_reduction").value
 PAPER_SPEEDUP = paper.abstract_claim("inference_speedup").value
+PROFILE_RANK = {"paper": 3, "quick": 2, "smoke": 1}
+"""Which profile's rows a claim uses when several are present: the highest rank."""
+CAPS = ("epoch_cap", "time_cap")
 
 
 def family(method: str) -> str:
@@ -48,9 +59,23 @@ def family(method: str) -> str:
     return method
 
 
+def _with_protocol(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows written before the stopping protocol lack its columns: mark them unknown."""
+    out = df.copy()
+    if "stopped_by" not in out:
+        out["stopped_by"] = "unknown"
+    if "still_improving" not in out:
+        out["still_improving"] = pd.NA
+    if "lr_search" not in out:
+        out["lr_search"] = ""
+    out["stopped_by"] = out.stopped_by.fillna("unknown").astype(str)
+    return out
+
+
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per method: mean and std over seeds of accuracy and latency, in table order."""
     _require(df, ["method", "seed", "test_accuracy", "hidden_params"], "compression table")
+    df = _with_protocol(df)
     order = list(dict.fromkeys(df.method))
     agg = df.groupby("method", sort=False).agg(
         seeds=("seed", "count"),
@@ -60,8 +85,13 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
         test_mean=("test_accuracy", "mean"),
         test_std=("test_accuracy", "std"),
         val_mean=("val_accuracy", "mean"),
+        lr=("lr", "first"),
+        lr_search=("lr_search", "first"),
         epochs=("epochs", "mean"),
+        best_epoch=("best_epoch", "mean"),
         capped=("budget_capped", "any"),
+        stops=("stopped_by", lambda x: ", ".join(sorted(set(x)))),
+        improving=("still_improving", lambda x: bool(x.fillna(False).astype(bool).any())),
         seconds=("seconds", "mean"),
         hidden_b1_ms=("latency_hidden_b1_ms", "median"),
         hidden_b256_ms=("latency_hidden_b256_ms", "median"),
@@ -75,26 +105,105 @@ def _butterflies(s: pd.DataFrame) -> pd.DataFrame:
     return s[s.method.str.match(r"^bp(bp)?_(real|complex)")]
 
 
+def best_profile(df: pd.DataFrame) -> str:
+    """The highest-ranked profile whose rows hold dense and at least one butterfly."""
+    ok = [
+        str(p)
+        for p, g in df.groupby("profile")
+        if (g.method == "dense").any() and g.method.str.match(r"^bp(bp)?_(real|complex)").any()
+    ]
+    return max(ok, key=lambda p: PROFILE_RANK.get(p, 0)) if ok else ""
+
+
+def paired_gap(bfly: pd.DataFrame, dense: pd.DataFrame) -> dict[str, Any]:
+    """Mean over shared seeds of (butterfly - dense) test accuracy, its sd and 95% t-interval
+    (None below two seeds)."""
+    b = bfly.groupby("seed").test_accuracy.mean()
+    d = dense.groupby("seed").test_accuracy.mean()
+    diffs = [float(b[k] - d[k]) for k in sorted(set(b.index) & set(d.index))]
+    if not diffs:
+        return {"gap_points": float(b.mean() - d.mean()), "gap_seeds": 0}
+    out: dict[str, Any] = {"gap_points": statistics.fmean(diffs), "gap_seeds": len(diffs)}
+    out.update(gap_sd=None, gap_ci95_low=None, gap_ci95_high=None)
+    if len(diffs) > 1:
+        sd = statistics.stdev(diffs)
+        half = float(stats.t.ppf(0.975, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
+        out.update(gap_sd=sd, gap_ci95_low=out["gap_points"] - half,
+                   gap_ci95_high=out["gap_points"] + half)  # fmt: skip
+    return out
+
+
+def _cap_reasons(rows: pd.DataFrame, best: str) -> list[str]:
+    """Why a gap computed from these rows (dense and every butterfly candidate) cannot be
+    final yet; empty if it can."""
+    reasons = []
+    if (rows.stopped_by == "unknown").any():
+        reasons.append("rows do not record how training stopped")
+    dense = rows[rows.method == "dense"]
+    if dense.still_improving.fillna(False).astype(bool).any():
+        reasons.append("dense stopped by a cap while still improving")
+    capped = rows[rows.budget_capped.astype(bool) | rows.stopped_by.str.contains("cap")]
+    for method, role in (("dense", "dense"), (best, "best butterfly")):
+        k = int((capped.method == method).sum())
+        if k:
+            n = int((rows.method == method).sum())
+            reasons.append(f"{role} {method} hit a cap in {k} of {n} seed(s)")
+    others = sorted(set(capped.method) - {"dense", best})
+    if others:
+        reasons.append(f"{len(others)} other butterfly candidate(s) hit a cap: {', '.join(others)}")
+    return reasons
+
+
 def headline(df: pd.DataFrame) -> dict[str, Any]:
-    """The abstract's three numbers as measured: gap, parameter ratio, inference speed-up."""
-    s = summary(df)
-    dense, bfly = s[s.method == "dense"], _butterflies(s)
-    if dense.empty or bfly.empty:
+    """The abstract's three numbers as measured, on the best available profile, with the
+    gap's spread over seeds, speed-ups of the hidden layer and the whole net at batch 1 and
+    256, and the gap's verdict (provisional when its rows are not final)."""
+    profile = best_profile(df) if "profile" in df else ""
+    if not profile:
         return {"claim": "needs the dense and at least one butterfly method"}
-    d, b = dense.iloc[0], bfly.loc[bfly.test_mean.idxmax()]
-    return {
+    rows = _with_protocol(df[df.profile == profile])
+    s = summary(rows)
+    dense, bfly = s[s.method == "dense"], _butterflies(s)
+    d, b = dense.iloc[0], bfly.loc[bfly.val_mean.idxmax()]
+    gap = paired_gap(rows[rows.method == b.method], rows[rows.method == "dense"])
+    used = rows[rows.method.isin(["dense", *bfly.method])]
+    reasons = _cap_reasons(used, str(b.method))
+    r2 = {k: (None if v is None else round(float(v), 2)) for k, v in gap.items()}
+    out = {
+        "profile": profile,
         "best_butterfly": b.method,
+        "selected_on": "validation accuracy",
         "best_butterfly_test_accuracy": round(float(b.test_mean), 2),
         "dense_test_accuracy": round(float(d.test_mean), 2),
-        "gap_points": round(float(b.test_mean - d.test_mean), 2),
+        **r2,
+        "gap_seeds": int(gap["gap_seeds"]),
         "paper_gap_points": PAPER_GAP,
         "param_ratio": round(float(b.compression_factor / d.compression_factor), 1),
         "paper_param_ratio": PAPER_PARAM_RATIO,
-        "hidden_speedup_b1": round(float(d.hidden_b1_ms / b.hidden_b1_ms), 2),
-        "hidden_speedup_b256": round(float(d.hidden_b256_ms / b.hidden_b256_ms), 2),
+        **{
+            f"{w}_speedup_b{n}": round(float(d[f"{w}_b{n}_ms"] / b[f"{w}_b{n}_ms"]), 2)
+            for w in ("hidden", "net")
+            for n in (1, 256)
+        },  # fmt: skip
         "paper_speedup": PAPER_SPEEDUP,
         "seeds": int(b.seeds),
+        "provisional_reasons": reasons,
     }
+    out["gap_verdict"] = gap_verdict(out["gap_points"], reasons)
+    return out
+
+
+def gap_verdict(gap: float, reasons: list[str]) -> str:
+    """verdict() of the gap, or "provisional (reasons)" when its rows are not final."""
+    return f"provisional ({'; '.join(reasons)})" if reasons else verdict(gap, PAPER_GAP)
+
+
+def gap_text(h: dict[str, Any]) -> str:
+    """'+1.23 points (95% CI +0.5 .. +2.0 over 3 seeds)' or '... (1 seed: no interval)'."""
+    if h.get("gap_ci95_low") is None:
+        return f"{h['gap_points']:+.2f} points ({h['gap_seeds']} seed(s): no interval)"
+    return (f"{h['gap_points']:+.2f} points (95% CI {h['gap_ci95_low']:+.2f} .. "
+            f"{h['gap_ci95_high']:+.2f}, paired over {h['gap_seeds']} seeds)")  # fmt: skip
 
 
 def figure(df: pd.DataFrame, path: Path) -> None:
@@ -185,6 +294,12 @@ def _fmt(x: float, spec: str) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _epochs(r: pd.Series) -> str:
+    """'best/total' epochs with the stop marker: * a cap, ** a cap while still improving."""
+    mark = "**" if r.improving else "*" if r.capped or "cap" in r.stops else ""
+    return f"{r.best_epoch:.0f}/{r.epochs:.0f}{mark}"
+
+
 def markdown(df: pd.DataFrame) -> str:
     """The measured table beside the paper's, then the headline claim with its verdict."""
     s = summary(df)
@@ -192,26 +307,31 @@ def markdown(df: pd.DataFrame) -> str:
     dense_ms = float(dense_ms.iloc[0]) if len(dense_ms) else math.nan
     lines = [
         "| method | hidden params | CF | test % (mean ± sd) | seeds | paper test % | paper CF "
-        "| hidden ms b=1 | hidden ms b=256 | net ms b=1 | speed-up vs dense b=1 | epochs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| lr (search: val %) | hidden ms b=1 | hidden ms b=256 | net ms b=1 "
+        "| speed-up vs dense b=1 | best/epochs | stopped by |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for _, r in s.iterrows():
         pr = paper.compression_row_for(r.method)
         sd = "" if math.isnan(r.test_std) else f" ± {r.test_std:.2f}"
-        cap = "*" if r.capped else ""
+        search = f" ({r.lr_search})" if isinstance(r.lr_search, str) and " " in r.lr_search else ""
         lines.append(
             f"| {r.method} | {int(r.hidden_params):,} | {r.compression_factor:.1f} "
             f"| {r.test_mean:.2f}{sd} | {int(r.seeds)} "
             f"| {_fmt(pr.accuracy if pr else math.nan, '.2f')} "
             f"| {_fmt(pr.compression_factor if pr else math.nan, '.1f')} "
+            f"| {r.lr:g}{search} "
             f"| {r.hidden_b1_ms:.3f} | {r.hidden_b256_ms:.2f} | {r.net_b1_ms:.3f} "
-            f"| {_fmt(dense_ms / r.hidden_b1_ms, '.2f')} | {r.epochs:.0f}{cap} |"
+            f"| {_fmt(dense_ms / r.hidden_b1_ms, '.2f')} | {_epochs(r)} | {r.stops} |"
         )
     h = headline(df)
     lines += [
         "",
-        "Epochs marked * stopped at the profile's wall-clock cap (`max_seconds`), not by early "
-        "stopping.",
+        "Early stopping on validation accuracy ends every run (`patience`); the epoch and time "
+        "caps only guard against runaways. best/epochs: mean over seeds of the best-validation "
+        "epoch and of the epochs run; * = a cap stopped the run, ** = it stopped it while the "
+        "best validation epoch was within the last `patience` epochs (still improving). The "
+        "lr column is the learning rate the validation search chose per method.",
         f"Latency: {_threads(df)}; data: {df.data_source.iloc[0]} "
         f"(sha256 {str(df.data_sha256.iloc[0])[:12]}).",
         "",
@@ -220,11 +340,13 @@ def markdown(df: pd.DataFrame) -> str:
         lines.append(
             f"Claim (abstract): the best butterfly beats unconstrained by {PAPER_GAP} points with "
             f"{PAPER_PARAM_RATIO:.0f}X fewer parameters and {PAPER_SPEEDUP:.0f}X faster inference. "
-            f"Measured: best butterfly {h['best_butterfly']} {h['best_butterfly_test_accuracy']}% "
-            f"vs dense {h['dense_test_accuracy']}%: gap {h['gap_points']:+.2f} points, "
-            f"{h['param_ratio']}X fewer parameters (CF ratio), hidden-layer inference "
-            f"{h['hidden_speedup_b1']}X (batch 1) / {h['hidden_speedup_b256']}X (batch 256) "
-            f"the speed of dense. Verdict on the gap: {verdict(h['gap_points'], PAPER_GAP)}."
+            f"Measured (profile {h['profile']}; best butterfly chosen on validation accuracy): "
+            f"{h['best_butterfly']} {h['best_butterfly_test_accuracy']}% vs dense "
+            f"{h['dense_test_accuracy']}%: gap {gap_text(h)}, {h['param_ratio']}X fewer "
+            f"parameters (CF ratio); speed-up over dense, hidden layer "
+            f"{h['hidden_speedup_b1']}X (batch 1) / {h['hidden_speedup_b256']}X (batch 256), "
+            f"whole net {h['net_speedup_b1']}X / {h['net_speedup_b256']}X. "
+            f"Verdict on the gap: {h['gap_verdict']}."
         )
     return "\n".join(lines) + "\n"
 

@@ -2,7 +2,9 @@
 section per stage (figures linked relative to reports/), then environment and data provenance.
 
 Published numbers come from suite.paper only. Verdicts: recovery per cell by
-report.recovery_verdicts; the accuracy gap (points) by compression_report.verdict; ratios
+report.recovery_verdicts; the accuracy gap (points) by compression_report.gap_verdict (the
+best profile present; "provisional (...)" while its rows hit a cap or dense was still
+improving, else compression_report.verdict); ratios
 (speed-ups, parameter reduction) by `ratio_verdict`, the same rule on a log2 scale. A missing
 stage reads "not run yet: <command>"; a claim without data is "not measured (<why>)".
 """
@@ -83,8 +85,10 @@ def load(reports_dir: Path) -> Inputs:
             return None
         return results.read_table(r / name, cols) if cols else json.loads((r / name).read_text())
 
+    recovery = read("recovery.csv", results.RECOVERY_COLUMNS)
     return Inputs(
-        r, read("recovery.csv", results.RECOVERY_COLUMNS), read("recovery_environment.json"),
+        r, None if recovery is None else report.paper_convention(recovery),
+        read("recovery_environment.json"),
         read("recovery_metrics.json"), read("compression.csv", results.COMPRESSION_COLUMNS),
         read("compression_metrics.json"), read("data_provenance.json"),
         {p.stem: json.loads(p.read_text()) for p in sorted((r / "speed").glob("*.json"))},
@@ -158,19 +162,24 @@ def compression_claims(inp: Inputs) -> list[Claim]:
     if "gap_points" not in h:
         why = f"not run yet: {RUN['compress']}" if df is None else str(h["claim"])
         return [Claim(*head[k], "—", "—", f"not measured ({why})") for k in keys]  # fmt: skip
+    profiles = sorted(map(str, df.profile.unique()))
+    others = f" of {', '.join(profiles)}" if len(profiles) > 1 else ""
     src = (
-        f"compression.csv ({', '.join(sorted(map(str, df.profile.unique())))}); "
+        f"compression.csv (profile {h['profile']}{others}); "
         f"{', '.join(sorted(map(str, df.device.unique())))}, {df.latency_threads.iloc[0]} thread(s)"
     )
     vs = f"{h['best_butterfly']} vs dense"
+    speed = (f"{h['hidden_speedup_b1']:g}x (hidden layer, batch 1, {vs}; batch 256: "
+             f"{h['hidden_speedup_b256']:g}x; whole net: {h['net_speedup_b1']:g}x / "
+             f"{h['net_speedup_b256']:g}x)")  # fmt: skip
     measured: dict[str, tuple[float, str, Callable[[float, float], str]]] = {
-        keys[0]: (h["gap_points"], f"{h['gap_points']:+.2f} points ({vs}: "
+        keys[0]: (h["gap_points"], f"{compression_report.gap_text(h)}; {vs}: "
                   f"{h['best_butterfly_test_accuracy']}% vs {h['dense_test_accuracy']}%, "
-                  f"{h['seeds']} seed(s))", compression_report.verdict),
+                  f"best butterfly chosen on validation accuracy",
+                  lambda m, p: h["gap_verdict"]),
         keys[1]: (h["param_ratio"], f"{h['param_ratio']:g}x (compression factor, {vs})",
                   lambda m, p: ratio_verdict(m, p, PARAMS_FACTOR)),
-        keys[2]: (h["hidden_speedup_b1"], f"{h['hidden_speedup_b1']:g}x (hidden layer, batch 1, "
-                  f"{vs}; batch 256: {h['hidden_speedup_b256']:g}x)",
+        keys[2]: (h["hidden_speedup_b1"], speed,
                   lambda m, p: ratio_verdict(m, p, SPEED_FACTOR)),
     }  # fmt: skip
     return [

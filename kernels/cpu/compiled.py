@@ -6,6 +6,9 @@ compiler, the flags and the machine (architecture and CPU model/flags, since -ma
 may not run on another CPU sharing the cache). The compiler writes to a temporary name that is
 then `os.replace`d into place, so two processes building at once both end with a whole library.
 
+-fopenmp-simd only honours `#pragma omp simd` (no threads, no OpenMP runtime): the tiled
+kernels use it to promise that a pair's row loop has no aliasing.
+
 No -ffast-math: it would let the compiler reassociate sums and flush subnormals, so results would
 drift from IEEE arithmetic and from the reference. -ffp-contract=off keeps `a*b + c*d` as two
 rounded products and a rounded sum (no fused multiply-add), so the compiled path rounds exactly
@@ -36,9 +39,9 @@ import torch
 
 from kernels.cpu.csource import ABI_VERSION, c_source
 
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-ffp-contract=off")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-ffp-contract=off", "-fopenmp-simd")
 # tried when FLAGS fail (a compiler or CPU without -march=native): same code, baseline ISA
-PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-ffp-contract=off")
+PORTABLE_FLAGS = ("-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fopenmp-simd")
 BACKEND_ENV = "BUTTERFLY_CPU_BACKEND"
 CACHE_ENV = "BUTTERFLY_CPU_CACHE"
 COMPILE_TIMEOUT_S = 120
@@ -64,6 +67,9 @@ class Library:
     bfly: dict[torch.dtype, Callable[..., None]]
     bfly_argv: dict[torch.dtype, Callable[..., None]]
     fwht: dict[torch.dtype, Callable[..., None]]
+    tl_forward: dict[torch.dtype, Callable[..., None]]
+    tl_backward: dict[torch.dtype, Callable[..., None]]
+    tl_rows: dict[torch.dtype, int]
 
 
 def cache_dir() -> Path:
@@ -151,7 +157,7 @@ def _bind(path: Path, flags: tuple[str, ...]) -> Library:
         raise BuildError(f"cannot load {path}: {e}") from e
     if version != ABI_VERSION:
         raise BuildError(f"{path} has ABI {version}, expected {ABI_VERSION}")
-    bfly, bfly_argv, fwht = {}, {}, {}
+    bfly, bfly_argv, fwht, tl_fwd, tl_bwd, tl_rows = {}, {}, {}, {}, {}, {}
     for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64")):
         f = getattr(cdll, f"bfly_{sfx}")
         f.argtypes, f.restype = _BFLY_ARGS, None
@@ -164,7 +170,14 @@ def _bind(path: Path, flags: tuple[str, ...]) -> Library:
         h = getattr(cdll, f"fwht_{sfx}")
         h.argtypes, h.restype = _FWHT_ARGS, None
         fwht[dtype] = h
-    lib = Library(path, flags, cdll, bfly, bfly_argv, fwht)
+        for name, table in (("tl_forward", tl_fwd), ("tl_backward", tl_bwd)):
+            fn = getattr(cdll, f"{name}_{sfx}")
+            fn.restype = None  # one int64 array argument, like bfly_*_argv
+            table[dtype] = fn
+        rows = getattr(cdll, f"tl_rows_{sfx}")
+        rows.restype = ctypes.c_int64
+        tl_rows[dtype] = int(rows())
+    lib = Library(path, flags, cdll, bfly, bfly_argv, fwht, tl_fwd, tl_bwd, tl_rows)
     _self_check(lib)
     return lib
 

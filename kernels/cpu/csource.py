@@ -17,12 +17,16 @@ Design (one thread, as in the paper's speed figure):
 - Rows are processed in tiles of about 64 KiB: level-outer inside a tile so one level's twiddle is
   reused across the tile's rows while the rows stay cache-resident (batch 1 is one tile).
 - fwht_*: the same in-place loop with the 2x2 matrix [[1, 1], [1, -1]] and no twiddle.
+- tl_forward_* / tl_backward_*: the tiled training kernels of csource_tiled.py (real and
+  complex, forward and backward).
 No -ffast-math (see compiled.py): every product and sum is rounded as written.
 """
 
 from __future__ import annotations
 
-ABI_VERSION = 3
+from kernels.cpu.csource_tiled import TILED_BODY
+
+ABI_VERSION = 4
 
 _HEADER = r"""
 #include <stdint.h>
@@ -31,6 +35,7 @@ _HEADER = r"""
 #define RESTRICT __restrict__
 #define INLINE static inline __attribute__((always_inline))
 #define TILE_BYTES (64 * 1024)
+#define TL_BYTES 64 /* bytes per row vector of a training tile (csource_tiled.py) */
 
 int bfly_abi_version(void) { return %(abi)d; }
 
@@ -168,8 +173,9 @@ void fwht_SFX(real_t *x, int64_t batch, int64_t n)
 
 
 def c_source() -> str:
-    """The full C translation unit: header plus the body for float and for double."""
+    """The full C translation unit: header plus the bodies for float and for double."""
     parts = [_HEADER % {"abi": ABI_VERSION}]
     for ctype, suffix in (("float", "_f32"), ("double", "_f64")):
-        parts.append(_BODY.replace("real_t", ctype).replace("_SFX", suffix))
+        for body in (_BODY, TILED_BODY):
+            parts.append(body.replace("real_t", ctype).replace("_SFX", suffix))
     return "".join(parts)

@@ -147,12 +147,12 @@ def test_eval_forward_uses_a_plan_that_follows_weight_updates() -> None:
     layer.eval()
     with torch.no_grad():
         got = layer(x)
-    assert layer._plan is not None  # the compiled (or vectorised) CPU path ran
+    assert layer._cpu_plan()._plan is not None  # the compiled (or vectorised) CPU path ran
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         layer.twiddle.mul_(2.0)  # an in-place update bumps the version counter
         torch.testing.assert_close(layer(x), 2**6 * (want - layer.bias) + layer.bias)
     clone = copy.deepcopy(layer)
-    assert clone._plan is None
+    assert clone._cpu_plan()._plan is None
     with torch.no_grad():
         torch.testing.assert_close(clone(x), layer(x))

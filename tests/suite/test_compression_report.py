@@ -1,0 +1,120 @@
+"""Headline of the compression report: profile choice, selection on validation, the paired
+gap with its interval, speed-ups, and when a verdict must stay provisional.
+
+Every accuracy and latency below is TEST DATA, not a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from suite import compression_report as cr
+from suite import paper
+
+T975_2DF = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
+
+
+def _rows(
+    methods: dict[str, tuple[list[float], list[float], float]],
+    profile: str = "quick",
+    **overrides,
+) -> pd.DataFrame:
+    """method: (test accuracies per seed, val accuracies per seed, hidden b1 ms)."""
+    base = dict(
+        lr=1e-3, lr_search="0.001:40.00", epochs=20, best_epoch=12, stopped_by="patience",
+        diverged=False, budget_capped=False, still_improving=False, seconds=10.0,
+        latency_threads=1, profile=profile, data_source="x", data_sha256="ab" * 32,
+        device="cpu-fixture",
+    )  # fmt: skip
+    rows = []
+    for m, (tests, vals, ms) in methods.items():
+        p = 1024 * 1024 if m == "dense" else 8192
+        for seed, (t, v) in enumerate(zip(tests, vals, strict=True)):
+            rows.append({**base, "method": m, "seed": seed, "hidden_params": p,
+                         "total_params": p + 10250, "compression_factor":
+                         paper.compression_factor(p), "test_accuracy": t, "val_accuracy": v,
+                         "latency_hidden_b1_ms": ms, "latency_hidden_b256_ms": 8 * ms,
+                         "latency_net_b1_ms": ms + 1.0, "latency_net_b256_ms": 8 * ms + 4.0,
+                         **overrides.get(m, {})})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+FINAL = {
+    "dense": ([46.0, 45.0, 47.0], [45.0, 44.0, 46.0], 1.0),
+    "bp_real": ([47.0, 47.0, 50.0], [46.0, 46.0, 49.0], 0.1),  # diffs 1, 2, 3
+    "bpbp_real": ([52.0, 52.0, 52.0], [40.0, 40.0, 40.0], 0.2),  # best on test, not on val
+}
+
+
+def test_paired_gap_and_its_95_interval() -> None:
+    h = cr.headline(_rows(FINAL))
+    assert h["best_butterfly"] == "bp_real" and h["selected_on"] == "validation accuracy"
+    assert h["gap_points"] == 2.0 and h["gap_seeds"] == 3 and h["gap_sd"] == 1.0
+    half = T975_2DF * 1.0 / math.sqrt(3)
+    assert h["gap_ci95_low"] == round(2.0 - half, 2) and h["gap_ci95_high"] == round(2.0 + half, 2)
+    assert "95% CI -0.48 .. +4.48, paired over 3 seeds" in cr.gap_text(h)
+
+
+def test_speedups_of_hidden_layer_and_whole_net_at_both_batches() -> None:
+    h = cr.headline(_rows(FINAL))
+    assert (h["hidden_speedup_b1"], h["hidden_speedup_b256"]) == (10.0, 10.0)
+    assert h["net_speedup_b1"] == round(2.0 / 1.1, 2)
+    assert h["net_speedup_b256"] == round(12.0 / 4.8, 2)
+
+
+def test_final_rows_get_a_plain_verdict() -> None:
+    h = cr.headline(_rows(FINAL))
+    assert h["provisional_reasons"] == []
+    assert h["gap_verdict"] == cr.verdict(2.0, paper.abstract_claim("accuracy_gain_points").value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"dense": {"still_improving": True, "budget_capped": True, "stopped_by": "epoch_cap"}},
+         "dense stopped by a cap while still improving"),
+        ({"dense": {"budget_capped": True, "stopped_by": "time_cap"}},
+         "dense dense hit a cap in 3 of 3 seed(s)"),
+        ({"bp_real": {"budget_capped": True, "stopped_by": "epoch_cap"}},
+         "best butterfly bp_real hit a cap in 3 of 3 seed(s)"),
+        ({"bpbp_real": {"budget_capped": True, "stopped_by": "epoch_cap"}},
+         "1 other butterfly candidate(s) hit a cap: bpbp_real"),
+    ],
+)  # fmt: skip
+def test_capped_or_still_improving_rows_make_the_verdict_provisional(
+    overrides: dict, reason: str
+) -> None:
+    h = cr.headline(_rows(FINAL, **overrides))
+    assert reason in h["provisional_reasons"]
+    assert h["gap_verdict"].startswith("provisional (") and reason in h["gap_verdict"]
+    assert "exceeded" not in h["gap_verdict"] and "reproduced" not in h["gap_verdict"]
+
+
+def test_rows_from_before_the_protocol_are_provisional() -> None:
+    old = _rows(FINAL).drop(columns=["stopped_by", "still_improving", "lr_search"])
+    h = cr.headline(old)
+    assert h["gap_verdict"] == "provisional (rows do not record how training stopped)"
+    assert "| 12/20 | unknown |" in cr.markdown(old)
+
+
+def test_best_available_profile_is_used_and_named() -> None:
+    smoke = _rows({"dense": ([90.0], [90.0], 1.0), "bp_real": ([10.0], [10.0], 0.1)}, "smoke")
+    both = pd.concat([smoke, _rows(FINAL)], ignore_index=True)
+    h = cr.headline(both)
+    assert h["profile"] == "quick" and h["gap_points"] == 2.0
+    no_dense = _rows({"bp_real": ([50.0], [50.0], 0.1)}, "paper")
+    assert cr.headline(pd.concat([both, no_dense]))["profile"] == "quick"
+    assert "Measured (profile quick;" in cr.markdown(both)
+
+
+def test_table_marks_caps_and_still_improving_runs() -> None:
+    dense = {"still_improving": True, "budget_capped": True, "stopped_by": "epoch_cap",
+             "best_epoch": 20}  # fmt: skip
+    bpbp = {"budget_capped": True, "stopped_by": "time_cap", "best_epoch": 15}
+    df = _rows(FINAL, dense=dense, bpbp_real=bpbp)
+    text = cr.markdown(df)
+    assert "| 20/20** | epoch_cap |" in text and "| 15/20* | time_cap |" in text
+    assert "| 12/20 | patience |" in text
