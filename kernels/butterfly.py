@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from kernels import bp_matrix
 from kernels.multiply import PlanCache, butterfly_multiply
-from kernels.permutation import Permutation, permute_level_transpose
+from kernels.permutation import Permutation
 from kernels.reference import log2_exact
 
 INITS = ("randn", "ortho")
@@ -146,21 +147,26 @@ def tied_bp_matrix(twiddle: torch.Tensor, probs: torch.Tensor | None) -> torch.T
     """The n x n matrix of B P for a tied twiddle (n-1, 2, 2), in O(n^2).
 
     Uses M_k = BF_k (I_2 (x) M_{k/2}) Q_k (PAPER.md section 7) with M_2 = BF_2; probs (levels
-    or 1, 3) are the relaxed permutation's, or None for P = I.
+    or 1, 3) are the relaxed permutation's, or None for P = I. See kernels/bp_matrix.py.
     """
-    n = twiddle.shape[0] + 1
-    m = log2_exact(n)
-    mat = twiddle[0]  # BF_2
-    for level in range(1, m):
-        s = 1 << level  # the new factor has size k = 2s
-        t = twiddle[s - 1 : 2 * s - 1]  # (s, 2, 2): D1..D4 as t[:, 0, 0], t[:, 0, 1], ...
-        top = torch.cat([t[:, 0, 0, None] * mat, t[:, 0, 1, None] * mat], dim=1)
-        bot = torch.cat([t[:, 1, 0, None] * mat, t[:, 1, 1, None] * mat], dim=1)
-        mat = torch.cat([top, bot], dim=0)
-        if probs is not None:
-            p = probs[(m - level - 1) if probs.shape[0] > 1 else 0]  # level index of size 2s
-            mat = permute_level_transpose(mat, p.to(mat.real.dtype), 2 * s)
-    return mat
+    return bp_matrix.tied_bp_matrix(twiddle, probs)
+
+
+# bpbp joins its two blocks by a dense product up to this n, above it by pushing the rows of
+# B2 P2 through B1 and P1 in O(n^2 log n) (measured: reports/recovery_step_times.md)
+BPBP_DENSE_MAX_N = 256
+
+
+class StackedTwiddle(nn.Module):
+    """The twiddle of one butterfly of a batched ButterflyStack: (trials, 1, n-1, 2, 2[, 2])."""
+
+    def __init__(self, twiddle: torch.Tensor, complex: bool):
+        super().__init__()
+        self.complex = complex
+        self.twiddle = nn.Parameter(twiddle)
+
+    def twiddle_tensor(self) -> torch.Tensor:
+        return torch.view_as_complex(self.twiddle) if self.complex else self.twiddle
 
 
 class ButterflyStack(nn.Module):
@@ -171,6 +177,12 @@ class ButterflyStack(nn.Module):
 
     forward: x (batch, n) -> (batch, n) computing y = M x row by row. With real_output the
     complex result's real part is returned (how the paper fits real targets).
+
+    trials=T makes T independent models in one (tied twiddles only): every parameter gets a
+    leading dim T under the same state_dict keys, matrix() is (T, n, n), forward gives
+    (T, batch, n), and trial(t) is an unbatched copy of trial t. generator may then be a list
+    of T generators: trial t draws exactly what an unbatched stack built with generator[t]
+    draws; one generator (or None) is drawn from trial after trial.
     """
 
     def __init__(
@@ -182,8 +194,9 @@ class ButterflyStack(nn.Module):
         share_logits: bool = True,
         init: str = "randn",
         real_output: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator | None] | None = None,
         extra_perm: str = "one",
+        trials: int | None = None,
     ):
         super().__init__()
         if model not in MODELS:
@@ -204,7 +217,12 @@ class ButterflyStack(nn.Module):
             extra_perm=extra_perm,
         )
         blocks, extra = MODELS[model]
-        self.n, self.real_output = n, real_output
+        self.n, self.real_output, self.trials = n, real_output, trials
+        if trials is not None:
+            self._init_trials(trials, generator)
+            return
+        if isinstance(generator, list):
+            raise ValueError("a list of generators needs trials=len(generators)")
         self.extra_perm = (
             Permutation(n, False, generator, top_only=extra_perm == "one") if extra else None
         )
@@ -213,6 +231,44 @@ class ButterflyStack(nn.Module):
             Butterfly(n, n, bias=False, complex=complex, tied=tied, init=init, generator=generator)
             for _ in range(blocks)
         )
+
+    def _init_trials(
+        self, trials: int, generator: torch.Generator | list[torch.Generator | None] | None
+    ) -> None:
+        """Build `trials` unbatched stacks (one generator each, in order) and stack them."""
+        gens = generator if isinstance(generator, list) else [generator] * trials
+        if trials < 1 or len(gens) != trials:
+            raise ValueError(f"trials={trials} needs as many generators, got {len(gens)}")
+        if not self.config["tied"]:
+            raise ValueError("trials need tied twiddles")
+        ones = [ButterflyStack(**self.config, generator=g) for g in gens]
+        self.extra_perm = None
+        if ones[0].extra_perm is not None:
+            self.extra_perm = Permutation.stacked([o.extra_perm for o in ones])
+        blocks = range(len(ones[0].perms))
+        self.perms = nn.ModuleList(Permutation.stacked([o.perms[b] for o in ones]) for b in blocks)
+        self.butterflies = nn.ModuleList(
+            StackedTwiddle(
+                torch.stack([o.butterflies[b].twiddle.detach() for o in ones]),
+                self.config["complex"],
+            )
+            for b in blocks
+        )
+
+    def trial(self, t: int) -> ButterflyStack:
+        """An unbatched copy of trial t of a batched stack (same dtype, rounding and mode)."""
+        if self.trials is None:
+            raise ValueError("trial() needs a batched stack (trials=T)")
+        dtype = self.butterflies[0].twiddle.dtype
+        one = ButterflyStack(**self.config, generator=torch.Generator()).to(dtype)
+        ref = one.state_dict()
+        one.load_state_dict(
+            {k: v[t] if v.dim() == ref[k].dim() + 1 else v for k, v in self.state_dict().items()}
+        )
+        for p in one.permutations():
+            if bool(p.hard):
+                p.round_()
+        return one.train(self.training)
 
     def permutations(self) -> list[Permutation]:
         return ([self.extra_perm] if self.extra_perm is not None else []) + list(self.perms)
@@ -226,6 +282,9 @@ class ButterflyStack(nn.Module):
         return y.real if (self.real_output and y.is_complex()) else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trials is not None:  # (T, batch, n) through each trial's matrix
+            mat = self._tied_matrix()
+            return self._out(x.to(mat.dtype) @ mat.transpose(-1, -2))
         if self.extra_perm is not None:
             x = self.extra_perm(x)
         for perm, bfly in zip(self.perms, self.butterflies, strict=True):
@@ -233,24 +292,50 @@ class ButterflyStack(nn.Module):
         return self._out(x)
 
     def matrix(self) -> torch.Tensor:
-        """The learned n x n matrix M (y = M x); O(n^2) per block when tied."""
+        """The learned matrix M (y = M x): (n, n), or (trials, n, n) when batched.
+
+        Tied: O(n^2) per BP block (kernels/bp_matrix.py); bpbp joins its blocks by a dense
+        product up to BPBP_DENSE_MAX_N, above it in O(n^2 log n). Hard permutations gather.
+        """
         if not self.config["tied"]:
             eye = torch.eye(self.n, dtype=self.butterflies[0].twiddle.dtype)
             return self.forward(eye).transpose(0, 1)
-        mat = None
-        for perm, bfly in zip(self.perms, self.butterflies, strict=True):
-            block = tied_bp_matrix(bfly.twiddle_tensor()[0], perm.probs())
-            mat = block if mat is None else block @ mat
-        assert mat is not None
+        return self._out(self._tied_matrix())
+
+    @staticmethod
+    def _columns(x: torch.Tensor, perm: Permutation) -> torch.Tensor:
+        """x P for x (..., rows, n)."""
+        if bool(perm.hard):
+            return bp_matrix.gather_columns(x, perm.column_order())
+        return bp_matrix.permute_columns(x, perm.probs(), perm.top_only)
+
+    def _block(self, b: int) -> torch.Tensor:
+        """B_b P_b, (..., n, n)."""
+        perm, twiddle = self.perms[b], self.butterflies[b].twiddle_tensor()[..., 0, :, :, :]
+        if bool(perm.hard):
+            return bp_matrix.gather_columns(tied_bp_matrix(twiddle, None), perm.column_order())
+        return tied_bp_matrix(twiddle, perm.probs())
+
+    def _tied_matrix(self) -> torch.Tensor:
+        mat = self._block(0)
+        if len(self.perms) == 2:  # B2 P2 (B1 P1)
+            if self.n <= BPBP_DENSE_MAX_N:
+                mat = self._block(1) @ mat
+            else:
+                twiddle = self.butterflies[0].twiddle_tensor()[..., 0, :, :, :]
+                mat = bp_matrix.right_butterfly(self._block(1), twiddle)
+                mat = self._columns(mat, self.perms[0])
         if self.extra_perm is not None:
-            mat = self.extra_perm.apply_columns(mat)
-        return self._out(mat)
+            mat = self._columns(mat, self.extra_perm)
+        return mat
 
 
 def save_factors(
     model: ButterflyStack, path: str | Path, meta: dict[str, Any] | None = None
 ) -> None:
     """Write a learned model's factors so `load_factors` can rebuild it (atomic)."""
+    if model.trials is not None:
+        raise ValueError("save one trial of a batched stack: save_factors(stack.trial(t), ...)")
     payload = {
         "format": FACTORS_FORMAT,
         "config": model.config,

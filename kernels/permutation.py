@@ -121,8 +121,27 @@ class Permutation(nn.Module):
         self.logits.requires_grad_(False)
         return self
 
+    @property
+    def trials(self) -> int | None:
+        """The leading trial dim of a stacked permutation's logits, None for a plain one."""
+        return self.logits.shape[0] if self.logits.dim() == 3 else None
+
+    @classmethod
+    def stacked(cls, perms: list[Permutation]) -> Permutation:
+        """One permutation whose logits (trials, levels, 3) stack those of `perms` (same shape).
+
+        Its probs() and round_() act on every trial; apply/forward are for plain permutations.
+        """
+        first = perms[0]
+        share = first.logits.shape[0] == 1
+        out = cls(first.n, share, torch.Generator(), first.top_only)
+        out.logits = nn.Parameter(torch.stack([p.logits.detach() for p in perms]))
+        return out
+
     def apply(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """This permutation's structure with the given probs applied to x (batch, n)."""
+        if probs.dim() != 2:
+            raise ValueError(f"probs must be (levels, 3), got {tuple(probs.shape)}")
         if self.top_only:
             return permute_level(x, _level_probs(probs, 0, x), self.n)
         return permute(x, probs)
@@ -138,10 +157,19 @@ class Permutation(nn.Module):
         return permute_columns(a, probs)
 
     def indices(self) -> torch.Tensor:
-        """The hard permutation as indices: forward(x) == x[:, indices] once rounded."""
+        """The hard permutation as indices: forward(x) == x[:, indices] once rounded.
+
+        (n,), or (trials, n) for a stacked permutation.
+        """
         probs = (self.logits.detach() >= 0).to(torch.float64)
-        idx = torch.arange(self.n, dtype=torch.float64).unsqueeze(0)
+        idx = torch.arange(self.n, dtype=torch.float64, device=probs.device).unsqueeze(0)
+        if probs.dim() == 3:
+            return torch.stack([self.apply(idx, p).round().long().squeeze(0) for p in probs])
         return self.apply(idx, probs).round().long().squeeze(0)
+
+    def column_order(self) -> torch.Tensor:
+        """cols with A P == A[..., cols] for the hard permutation P (the inverse of indices)."""
+        return torch.argsort(self.indices(), dim=-1)
 
     @staticmethod
     def bit_reversal_logits(n: int, magnitude: float = 10.0) -> torch.Tensor:

@@ -1,0 +1,167 @@
+"""The learned matrix of B P (tied twiddles, relaxed permutation) in O(n^2), with few passes.
+
+M_k = BF_k (I_2 (x) M_{k/2}) Q_k (PAPER.md section 7), M_2 = BF_2. One level is one autograd
+Function: the column reversals of Q_k = R E act on the half-size M_{k/2} (row scaling commutes
+with column ops), the scaling writes the k x k block once, and the even/odd mix E reads it
+through a strided view. Every tensor may carry leading (trial) dims; probs are real.
+
+Shapes: mat (..., s, s); twiddle rows of one level t (..., s, 2, 2) with t[r] =
+[[D1[r], D2[r]], [D3[r], D4[r]]]; probs p (..., 3) = (even/odd, reverse first half, reverse
+second half) as in kernels/permutation.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.reference import log2_exact
+
+
+def _rdot(x: torch.Tensor, y: torch.Tensor, dims: int) -> torch.Tensor:
+    """sum of Re(conj(x) y) over the last `dims` dims (x, y broadcast), leading dims kept."""
+    if x.is_complex():
+        x, y = torch.view_as_real(x), torch.view_as_real(y)
+        dims += 1
+    shape = torch.broadcast_shapes(x.shape, y.shape)
+    x, y = x.expand(shape), y.expand(shape)
+    return torch.einsum("...k,...k->...", x.flatten(-dims), y.flatten(-dims))
+
+
+class _BPLevel(torch.autograd.Function):
+    """(mat, t, p) -> BF_{2s} (I_2 (x) mat) Q_{2s} with Q = R E relaxed by p."""
+
+    @staticmethod
+    def forward(ctx, mat: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        lead, s = mat.shape[:-2], mat.shape[-1]
+        pc = p.to(mat.dtype)
+        flipped = mat.flip(-1)
+        # a[r, h, j] = (mat R_h)[r, j]: column reversal mix of half h, on the half-size matrix
+        a = torch.lerp(mat.unsqueeze(-2), flipped.unsqueeze(-2), pc[..., None, 1:3, None])
+        ai = a.transpose(-1, -2).contiguous()  # (r, i, b): the same, columns interleaved
+        tt = t.transpose(-3, -2)  # (a, r, h): D1..D4 as tt[0, :, 0], tt[0, :, 1], ...
+        # z = (1 - p0) Y + p0 Y E' with Y = BF (I (x) mat) R: rows (a, r), columns (h, j);
+        # column 2 i + b of Y E' is column b s + i of Y. Both terms are written in z's layout.
+        z = torch.empty(*lead, 2, s, 2, s, dtype=torch.result_type(t, a))
+        torch.mul(((1 - pc[..., 0, None, None, None]) * tt).unsqueeze(-1), a.unsqueeze(-4), out=z)
+        z.view(*lead, 2, s, s, 2).addcmul_(
+            (pc[..., 0, None, None, None] * tt).unsqueeze(-2), ai.unsqueeze(-4)
+        )
+        ctx.save_for_backward(flipped - mat, a, ai, t, p)
+        return z.view(*lead, 2 * s, 2 * s)
+
+    @staticmethod
+    def backward(ctx, gz: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        dmat, a, ai, t, p = ctx.saved_tensors
+        lead, s = dmat.shape[:-2], dmat.shape[-1]
+        gz = gz.contiguous()
+        pc = p.to(gz.dtype)
+        p0 = pc[..., 0, None, None, None]
+        g1 = gz.view(*lead, 2, s, 2, s)  # (a, r, h, j)
+        g2 = gz.view(*lead, 2, s, s, 2)  # (a, r, i, b)
+        tt = t.transpose(-3, -2)
+        gt = gp = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            c1 = (g1 * a.conj().unsqueeze(-4)).sum(-1)  # (a, r, h): <Y's term, unweighted>
+            c2 = (g2 * ai.conj().unsqueeze(-4)).sum(-2)
+            gt = torch.lerp(c1, c2, p0).transpose(-3, -2)
+            if ctx.needs_input_grad[2]:
+                gp = [_rdot(c2 - c1, tt, 3)]
+        w1, w2 = ((1 - p0) * tt).conj(), (p0 * tt).conj()
+        ga = torch.addcmul(g1[..., 0, :, :, :] * w1[..., 0, :, :, None],
+                           g1[..., 1, :, :, :], w1[..., 1, :, :, None])  # (r, h, j)
+        gai = torch.addcmul(g2[..., 0, :, :, :] * w2[..., 0, :, None, :],
+                            g2[..., 1, :, :, :], w2[..., 1, :, None, :])  # (r, i, b)
+        ga += gai.transpose(-1, -2)
+        u, v = ga[..., 0, :], ga[..., 1, :]
+        p1, p2 = pc[..., 1, None, None], pc[..., 2, None, None]
+        gmat = (1 - p1) * u + (1 - p2) * v + (p1 * u + p2 * v).flip(-1)
+        if gp is not None:
+            gp += [_rdot(u, dmat, 2), _rdot(v, dmat, 2)]
+            gp = torch.stack(gp, dim=-1).to(p.dtype)
+        return gmat, gt, gp
+
+
+# Below this many output entries a level runs as plain autograd ops (fewer Python calls).
+FUSED_MIN_ENTRIES = 1 << 14
+
+
+def _bp_level_composite(mat: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """_BPLevel's forward as autograd ops: cheaper for small blocks."""
+    lead, s = mat.shape[:-2], mat.shape[-1]
+    pc = p.to(mat.dtype)
+    a = torch.lerp(mat.unsqueeze(-2), mat.flip(-1).unsqueeze(-2), pc[..., None, 1:3, None])
+    y = t.transpose(-3, -2).unsqueeze(-1) * a.unsqueeze(-4)  # (a, r, h, j)
+    y = y.reshape(*lead, 2 * s, 2 * s)
+    ye = y.view(*lead, 2 * s, 2, s).transpose(-1, -2).reshape(*lead, 2 * s, 2 * s)
+    return torch.lerp(y, ye, pc[..., 0, None, None])
+
+
+def bp_level(mat: torch.Tensor, t: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+    """BF_{2s} (I_2 (x) mat) Q_{2s}: mat (..., s, s), t (..., s, 2, 2), p (..., 3) or None."""
+    lead, s = mat.shape[:-2], mat.shape[-1]
+    if p is None:
+        y = t.transpose(-3, -2).unsqueeze(-1) * mat.unsqueeze(-2).unsqueeze(-4)
+        return y.reshape(*lead, 2 * s, 2 * s)
+    if 4 * mat.numel() < FUSED_MIN_ENTRIES:
+        return _bp_level_composite(mat, t, p)
+    return _BPLevel.apply(mat, t, p)
+
+
+def _level_probs(probs: torch.Tensor, level: int) -> torch.Tensor:
+    """probs (..., levels or 1, 3) -> (..., 3) of `level` (0 is block size n)."""
+    return probs[..., level if probs.shape[-2] > 1 else 0, :]
+
+
+def tied_bp_matrix(twiddle: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+    """The matrix of B P: twiddle (..., n-1, 2, 2) tied, probs (..., levels or 1, 3) or None.
+
+    Returns (..., n, n). probs None means P = I; levels index block sizes n, n/2, ..., 4.
+    """
+    n = twiddle.shape[-3] + 1
+    m = log2_exact(n)
+    mat = twiddle[..., 0, :, :]  # BF_2
+    for level in range(1, m):
+        s = 1 << level  # the new factor has size 2s
+        p = None if probs is None else _level_probs(probs, m - level - 1)
+        mat = bp_level(mat, twiddle[..., s - 1 : 2 * s - 1, :, :], p)
+    return mat
+
+
+def column_level(x: torch.Tensor, p: torch.Tensor, k: int) -> torch.Tensor:
+    """x (I (x) Q_k) for x (..., rows, n), Q_k one relaxed level, p (..., 3) (leading dims)."""
+    lead, shape, h = p.shape[:-1], x.shape, k // 2
+    pc = p.to(x.dtype)
+    xv = x.reshape(*lead, -1, 2, h)
+    a = torch.lerp(xv, xv.flip(-1), pc[..., None, 1:3, None])  # R: reverse each half
+    ai = a.transpose(-1, -2).reshape(*lead, -1, k)  # E: column 2 i + b <- column b h + i
+    return torch.lerp(a.reshape(*lead, -1, k), ai, pc[..., 0, None, None]).reshape(shape)
+
+
+def permute_columns(x: torch.Tensor, probs: torch.Tensor, top_only: bool = False) -> torch.Tensor:
+    """x P for x (..., rows, n) and a relaxed permutation's probs (..., levels or 1, 3)."""
+    n = x.shape[-1]
+    m = log2_exact(n)
+    levels = [0] if top_only else range(m - 2, -1, -1)  # A P applies Q_4 first, Q_n last
+    for level in levels:
+        x = column_level(x, _level_probs(probs, level), n >> level)
+    return x
+
+
+def gather_columns(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """x[..., :, cols] for x (..., rows, n) and cols (..., n) (leading dims broadcast)."""
+    idx = cols.unsqueeze(-2).expand(*x.shape[:-2], x.shape[-2], x.shape[-1])
+    return torch.gather(x, -1, idx)
+
+
+def right_butterfly(x: torch.Tensor, twiddle: torch.Tensor) -> torch.Tensor:
+    """x B for x (..., rows, n) and a tied twiddle (..., n-1, 2, 2): the size-n factor first."""
+    n = x.shape[-1]
+    m = log2_exact(n)
+    lead, shape = twiddle.shape[:-3], x.shape
+    for level in range(m - 1, -1, -1):
+        s = 1 << level
+        # column (h, j) of a block of X (I (x) BF_2s) is sum_a X[a, j] t[j, a, h]
+        t = twiddle[..., s - 1 : 2 * s - 1, :, :].movedim(-3, -1).unsqueeze(-4)  # (1, a, h, j)
+        xv = x.reshape(*lead, -1, 2, s)
+        x = torch.addcmul(xv[..., 0:1, :] * t[..., 0, :, :], xv[..., 1:2, :], t[..., 1, :, :])
+    return x.reshape(shape)
