@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from tasks.recovery.params import RECOVERED_RMSE
+
 ABSTRACT = "paper abstract (arXiv 1903.05895)"
 RESULT_FILES = "authors' result files, HazyResearch/butterfly learning_transforms (PAPER.md §2)"
 PROTOCOL = "authors' code, HazyResearch/butterfly learning_transforms (PAPER.md §2)"
@@ -87,9 +89,9 @@ SIZES: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)
 TRIALS_PER_N: Mapping[int, int] = _frozen(
     dict(zip(SIZES, (20, 20, 40, 60, 80, 160, 160, 320), strict=True))
 )
-RMSE_THRESHOLD: float = 1e-4
-"""The "machine precision" line: RMSE <= 1e-4, i.e. MSE <= 1e-8."""
-MSE_THRESHOLD: float = 1e-8
+RMSE_THRESHOLD: float = RECOVERED_RMSE
+"""The "machine precision" line: RMSE <= 1e-4, i.e. MSE <= 1e-8 (defined once, in tasks)."""
+MSE_THRESHOLD: float = RECOVERED_RMSE**2
 LEARNED_METHODS: tuple[str, ...] = ("bp", "bpp", "bpbp")
 BASELINE_METHODS: tuple[str, ...] = ("sparse", "lowrank", "sparse_lowrank")
 BASELINE_RMSE_RANGE: tuple[float, float] = (1e-2, 1.0)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-PROFILES = ("smoke", "quick", "paper")
+PROFILES = ("smoke", "quick", "full", "paper")
 T = TypeVar("T")
 
 
@@ -126,7 +126,8 @@ def build(
     """Construct dataclass `cls` from `data`, strictly: every key known, present and typed.
 
     where: the section's path in params.yaml; origins: per-key paths where they differ. The
-    object's `validate()` (if any) runs last and may read `self.key_path(name)`.
+    object's `validate()` (if any) runs last; a ValueError it raises with a `field` attribute
+    (a key, or a dotted path into a nested section) is reported at that key's path.
     """
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
@@ -146,7 +147,6 @@ def build(
             raise ParamsError(f"missing key '{path(name)}'")
         values[name] = _check(data[name], hints[name], path(name))
     obj = cls(**values)
-    object.__setattr__(obj, "key_path", path)
     validate = getattr(obj, "validate", None)
     if validate is not None:
         try:
@@ -154,7 +154,11 @@ def build(
         except ParamsError:
             raise
         except ValueError as exc:
-            raise ParamsError(f"{where}: {exc}") from None
+            key = getattr(exc, "field", None)
+            if key is None:
+                raise ParamsError(f"{where}: {exc}") from None
+            head = key.split(".")[0]
+            raise ParamsError(f"'{origins.get(head, where)}.{key}': {exc}") from None
     return obj
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ RECOVERY_COLUMNS: tuple[str, ...] = (
     "method",
     "model",
     "rmse",
+    "rmse_paper",
     "recovered",
     "trials",
     "steps",
@@ -108,6 +110,19 @@ def atomic_save(path: str | os.PathLike[str], writer: Callable[[Path], None]) ->
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place, replacing the old one only once the new one is whole."""
+    if not src.exists():
+        src.mkdir(parents=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = dst.with_name(f".{dst.name}.old")
+    if dst.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+    shutil.move(str(src), str(dst))
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

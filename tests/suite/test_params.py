@@ -53,11 +53,11 @@ def _search(r: dict, profile: str = "quick") -> dict:
 def test_real_params_load_every_profile(profile: str) -> None:
     name, p = load_stage(PARAMS, "recover", RecoverParams, profile)
     assert name == profile
-    assert isinstance(p.search_params, SearchParams)
+    assert isinstance(p.search, SearchParams)
     for ns in p.sizes.values():
         for n in ns:  # every size of the grid has a budget
-            assert p.search_params.trials_for(n) >= 1
-            assert p.search_params.seconds_for(n) > 0
+            assert p.search.trials_for(n) >= 1
+            assert p.search.seconds_for(n) > 0
     assert set(p.sizes) <= set(p.models)
 
 
@@ -74,7 +74,7 @@ def test_default_profile_comes_from_the_file(tmp_path: Path, raw: dict) -> None:
 
 
 def test_paper_profile_matches_the_protocol() -> None:
-    sp = load_stage(PARAMS, "recover", RecoverParams, "paper")[1].search_params
+    sp = load_stage(PARAMS, "recover", RecoverParams, "paper")[1].search
     sizes = (8, 16, 32, 64, 128, 256, 512, 1024)
     assert [sp.trials[n] for n in sizes] == [20, 20, 40, 60, 80, 160, 160, 320]
     assert (sp.max_epochs, sp.epoch_steps, sp.polish_every, sp.polish_steps) == (200, 400, 5, 15)
@@ -111,7 +111,7 @@ def test_wrong_type_in_nested_mapping(tmp_path: Path, raw: dict) -> None:
 
 def test_number_field_accepts_int(tmp_path: Path, raw: dict) -> None:
     p = _load(tmp_path, raw, lambda r: _search(r).update(lr_max=1), "quick")
-    assert p.search_params.lr_max == 1.0 and isinstance(p.search_params.lr_max, float)
+    assert p.search.lr_max == 1.0 and isinstance(p.search.lr_max, float)
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,7 @@ def test_key_in_both_places_other_profile_is_fine(tmp_path: Path, raw: dict) -> 
         for p in PROFILES:
             del r["profiles"][p]["recover"]["search"]
 
-    sp = _load(tmp_path, raw, mutate, "smoke").search_params
+    sp = _load(tmp_path, raw, mutate, "smoke").search
     assert sp.max_epochs == raw["profiles"]["paper"]["recover"]["search"]["max_epochs"]
 
 

@@ -1,0 +1,165 @@
+"""The knobs of transform recovery: the search of one cell, and the grid of cells.
+
+Paper values (the authors' 2019 protocol, docs/protocol.md) are in the comments; every profile
+that differs from them is a row of the README's deviations table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from kernels.butterfly import EXTRA_PERMS, MODELS
+from tasks.targets import TARGETS
+
+RECOVERED_RMSE = 1e-4
+"""The paper's "machine precision" line: a cell is recovered at RMSE <= 1e-4 (MSE <= 1e-8)."""
+
+LINE_SEARCHES = ("none", "strong_wolfe")
+LOSSES = ("reals", "entries")
+
+
+class FieldError(ValueError):
+    """A bad value of one field; suite.params turns `field` into its path in params.yaml."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """The trial search of one cell (paper values in comments)."""
+
+    trials: dict[int, int]  # n -> trials per cell (20, 20, 40, 60, 80, 160, 160, 320)
+    max_epochs: int  # 200
+    epoch_steps: int  # 400 Adam steps per epoch
+    lr_min: float  # 1e-4
+    lr_max: float  # 0.5
+    share_logits: list[bool]  # sampled per trial: [true, false]
+    inits: list[str]  # sampled per trial: randn (the paper's), ortho
+    polish_every: int  # 5 epochs
+    polish_steps: int  # 15 calls of L-BFGS step() ...
+    polish_iters: int  # ... each of up to 20 iterations (torch's max_iter default)
+    polish_history: int  # 100 (torch's default)
+    polish_line_search: str  # none (torch's default) | strong_wolfe
+    polish_tolerance_grad: float  # 1e-7 (torch's default); 0 = run every iteration
+    polish_tolerance_change: float  # 1e-9 (torch's default)
+    polish_below: float  # polish only when the Adam MSE is below this (paper: always, .inf)
+    final_top: int  # 16 best trials ...
+    final_steps: int  # ... get 50 more L-BFGS step() calls with the permutation frozen
+    threshold_mse: float  # 1e-8, i.e. RMSE 1e-4: every trial stops once one reaches it
+    loss: str  # reals: mean over the 2 N^2 real and imaginary parts (the paper) | entries: N^2
+    extra_perm: str  # BPP's P': one (level at size N, the paper) | per_level
+    min_epochs: int  # Hyperband's smallest budget, in epochs
+    reduction_factor: int  # Hyperband's eta
+    patience: int  # prune a trial whose best MSE stalls this many epochs (0: off, the paper)
+    min_delta_decades: float  # ... stalls = improves by less than this many decades
+    cell_seconds: dict[int, float]  # n -> wall-clock cap of a cell (the paper has none)
+    batch: dict[int, int]  # n -> trials trained together in one vectorised model (paper: 1)
+    workers: int  # parallel trial processes on this machine
+    seed: int  # sampler seed
+
+    def validate(self) -> None:
+        if not 0 < self.lr_min <= self.lr_max:
+            raise FieldError("lr_min", "need 0 < lr_min <= lr_max")
+        for name in (
+            "max_epochs",
+            "epoch_steps",
+            "polish_every",
+            "polish_iters",
+            "polish_history",
+            "workers",
+            "min_epochs",
+            "final_top",
+        ):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"{name} must be >= 1")
+        for name in ("polish_steps", "final_steps", "patience"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, f"{name} must be >= 0")
+        for name in ("min_delta_decades", "polish_tolerance_grad", "polish_tolerance_change"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, f"{name} must be >= 0")
+        if self.reduction_factor < 2:
+            raise FieldError("reduction_factor", "reduction_factor must be >= 2")
+        for name in ("threshold_mse", "polish_below"):
+            if not getattr(self, name) > 0:
+                raise FieldError(name, f"{name} must be > 0")
+        for name, allowed in (
+            ("polish_line_search", LINE_SEARCHES),
+            ("loss", LOSSES),
+            ("extra_perm", EXTRA_PERMS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise FieldError(name, f"{name} must be one of {', '.join(allowed)}")
+        for name in ("trials", "batch"):
+            if any(v < 1 for v in getattr(self, name).values()):
+                raise FieldError(name, f"{name} must be >= 1 for every n")
+        if any(v <= 0 for v in self.cell_seconds.values()):
+            raise FieldError("cell_seconds", "cell_seconds must be > 0 for every n")
+        if not self.share_logits:
+            raise FieldError("share_logits", "share_logits needs at least one choice")
+        if not self.inits or any(i not in ("randn", "ortho") for i in self.inits):
+            raise FieldError("inits", f"inits must be among randn, ortho, got {self.inits}")
+
+    def trials_for(self, n: int) -> int:
+        if n not in self.trials:
+            raise FieldError("trials", f"no entry for n={n}")
+        return self.trials[n]
+
+    def seconds_for(self, n: int) -> float:
+        if n not in self.cell_seconds:
+            raise FieldError("cell_seconds", f"no entry for n={n}")
+        return self.cell_seconds[n]
+
+    def batch_for(self, n: int) -> int:
+        """Trials per vectorised model at size n (1 where no entry: large n, one per core)."""
+        return self.batch.get(n, 1)
+
+
+@dataclass(frozen=True)
+class RecoverParams:
+    """The recover stage: which cells, which models, which baselines, and the search."""
+
+    models: dict[str, str]  # target -> bp | bpp | bpbp (the paper's choice per target)
+    sizes: dict[str, list[int]]  # target -> the n to run
+    baselines: list[str]
+    search: SearchParams
+    storage: str | None = None  # Optuna storage URL; None = a journal file in the work dir
+
+    def validate(self) -> None:
+        from tasks.recovery.baselines import BASELINES
+
+        for t, model in self.models.items():
+            if t not in TARGETS:
+                raise FieldError(
+                    f"models.{t}", f"unknown target '{t}' (known: {', '.join(TARGETS)})"
+                )
+            if model not in MODELS:
+                raise FieldError(
+                    f"models.{t}", f"model must be one of {', '.join(MODELS)}, got {model!r}"
+                )
+        for t, ns in self.sizes.items():
+            if t not in self.models:
+                raise FieldError(f"sizes.{t}", f"no model given for target '{t}'")
+            for n in ns:
+                if n < 8 or n & (n - 1):
+                    raise FieldError(f"sizes.{t}", f"n must be a power of two >= 8, got {n}")
+        for ns in self.sizes.values():
+            for n in ns:
+                try:  # every n has a budget
+                    self.search.trials_for(n), self.search.seconds_for(n)
+                except FieldError as exc:
+                    raise FieldError(f"search.{exc.field}", str(exc)) from None
+        bad = sorted(set(self.baselines) - set(BASELINES))
+        if bad:
+            raise FieldError("baselines", f"unknown '{bad[0]}' (known: {', '.join(BASELINES)})")
+
+    def restricted(self, cells: list[tuple[str, int]]) -> RecoverParams:
+        """The same params on a sub-grid of (target, n) cells; any size with a budget is allowed."""
+        sizes: dict[str, list[int]] = {}
+        for t, n in cells:
+            sizes.setdefault(t, []).append(n)
+        out = replace(self, sizes=sizes)
+        out.validate()
+        return out

@@ -1,0 +1,253 @@
+"""Training and polish of learned butterfly models: the loss, Adam over trials, L-BFGS.
+
+A group of trials with the same model structure trains as one vectorised `ButterflyStack`
+(a leading trial dimension; one Adam with a learning rate per trial, which is exactly
+independent Adams since Adam is elementwise). The polish rounds the permutations of one trial
+and runs L-BFGS the way the paper does: `steps` calls of `step()`, each of up to `iters`
+iterations.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kernels.butterfly import ButterflyStack
+from tasks.recovery.params import SearchParams
+
+
+def mse(approx: torch.Tensor, target: torch.Tensor, loss: str = "reals") -> torch.Tensor:
+    """Mean squared error over the last two dims: a scalar, or (trials,) for (trials, n, n).
+
+    reals: the mean over the real and imaginary parts (2 n^2 numbers for a complex target), as
+    the paper computes it; entries: the mean of |d|^2 over the n^2 entries (twice as strict).
+    """
+    d = approx - target
+    if d.is_complex():
+        sq = d.real.square() + d.imag.square()
+        out = sq.mean(dim=(-2, -1))
+        return out / 2 if loss == "reals" else out
+    return d.square().mean(dim=(-2, -1))
+
+
+def finite(x: float) -> float:
+    return x if math.isfinite(x) else float("inf")
+
+
+@dataclass(frozen=True)
+class LBFGSConfig:
+    """One polish: `steps` calls of torch's L-BFGS step(), each of up to `iters` iterations."""
+
+    steps: int
+    iters: int
+    history: int
+    line_search: str  # none | strong_wolfe
+    tolerance_grad: float
+    tolerance_change: float
+
+    @classmethod
+    def of(cls, sp: SearchParams, steps: int | None = None) -> LBFGSConfig:
+        return cls(
+            sp.polish_steps if steps is None else steps,
+            sp.polish_iters,
+            sp.polish_history,
+            sp.polish_line_search,
+            sp.polish_tolerance_grad,
+            sp.polish_tolerance_change,
+        )
+
+
+def polish(
+    model: ButterflyStack, target: torch.Tensor, cfg: LBFGSConfig, loss: str = "reals"
+) -> tuple[ButterflyStack, float]:
+    """A copy with its permutations rounded and its twiddles refined by L-BFGS.
+
+    Returns the copy at the best step boundary and its MSE: a step that diverges (no line
+    search can overshoot to inf/NaN) is undone and ends the polish.
+    """
+    model = copy.deepcopy(model).round_permutations_()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=cfg.iters,
+        history_size=cfg.history,
+        tolerance_grad=cfg.tolerance_grad,
+        tolerance_change=cfg.tolerance_change,
+        line_search_fn=None if cfg.line_search == "none" else cfg.line_search,
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        value = mse(model.matrix(), target, loss)
+        value.backward()
+        for p in params:  # L-BFGS flattens every gradient with .view(-1)
+            if p.grad is not None and not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+        return value
+
+    def snapshot() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in params]
+
+    with torch.no_grad():
+        best = finite(mse(model.matrix(), target, loss).item())
+    best_params = snapshot()
+    for _ in range(cfg.steps):
+        opt.step(closure)
+        with torch.no_grad():
+            value = finite(mse(model.matrix(), target, loss).item())
+        if value < best:
+            best, best_params = value, snapshot()
+        elif not math.isfinite(value):
+            break  # diverged: the best point so far is restored below
+    with torch.no_grad():
+        for p, b in zip(params, best_params, strict=True):
+            p.copy_(b)
+    return model, best
+
+
+class BatchedAdam:
+    """torch.optim.Adam (default betas and eps) over parameters whose leading dim is the trial.
+
+    lr: (trials,), one learning rate per trial; batched=False for an unbatched model (lr (1,)).
+    """
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        lr: torch.Tensor,
+        batched: bool,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
+        self.params, self.lr, self.batched = params, lr, batched
+        self.betas, self.eps, self.t = betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def _lr(self, p: torch.Tensor) -> torch.Tensor:
+        if not self.batched:
+            return self.lr.reshape(())
+        return self.lr.reshape(-1, *([1] * (p.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        c1, c2 = 1 - b1**self.t, math.sqrt(1 - b2**self.t)
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            if p.grad is None or not p.requires_grad:
+                continue
+            g = p.grad
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / c2).add_(self.eps)
+            p.sub_(self._lr(p).to(p.dtype) / c1 * m / denom)
+
+    def select(self, params: list[torch.Tensor], idx: torch.Tensor) -> None:
+        """Keep the state of trials idx, now owned by `params` (the narrowed model's)."""
+        self.params = params
+        self.lr = self.lr[idx]
+        self.m = [m[idx] for m in self.m]
+        self.v = [v[idx] for v in self.v]
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """The sampled hyper-parameters of one trial (Optuna trial number and values)."""
+
+    number: int
+    lr: float
+    share_logits: bool
+    init: str
+    seed: int
+
+    @property
+    def hp(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "share_logits": self.share_logits,
+            "init": self.init,
+            "seed": self.seed,
+        }
+
+
+def build_stack(
+    n: int, model: str, real: bool, specs: list[TrialSpec], extra_perm: str, batched: bool
+) -> ButterflyStack:
+    """The model of these trials (same share_logits and init): batched has a leading trial dim."""
+    gens = [torch.Generator().manual_seed(s.seed) for s in specs]
+    kw: dict[str, Any] = dict(
+        complex=True,
+        tied=True,
+        share_logits=specs[0].share_logits,
+        init=specs[0].init,
+        real_output=real,
+        extra_perm=extra_perm,
+    )
+    if not batched:
+        return ButterflyStack(n, model, generator=gens[0], **kw)
+    return ButterflyStack(n, model, trials=len(specs), generator=gens, **kw)
+
+
+def working_dtype(target: torch.Tensor) -> torch.dtype:
+    """The paper's float32 (complex64 for a complex target)."""
+    return torch.complex64 if target.is_complex() else torch.float32
+
+
+class TrialGroup:
+    """Trials trained together: one (batched) model, one Adam, values per trial."""
+
+    def __init__(
+        self, specs: list[TrialSpec], n: int, model: str, target: torch.Tensor, sp: SearchParams
+    ):
+        self.specs, self.n, self.model_name, self.sp = list(specs), n, model, sp
+        self.target = target.to(working_dtype(target))
+        self.batched = len(self.specs) > 1
+        self.stack = self._build(self.specs)
+        lr = torch.tensor([s.lr for s in self.specs], dtype=torch.float64)
+        self.opt = BatchedAdam(list(self.stack.parameters()), lr, self.batched)
+
+    def _build(self, specs: list[TrialSpec]) -> ButterflyStack:
+        real = not self.target.is_complex()
+        return build_stack(self.n, self.model_name, real, specs, self.sp.extra_perm, self.batched)
+
+    def losses(self) -> torch.Tensor:
+        """(trials,) MSE of each trial's matrix."""
+        return mse(self.stack.matrix(), self.target, self.sp.loss).reshape(-1)
+
+    def epoch(self) -> list[float]:
+        """`epoch_steps` Adam steps; returns each trial's MSE after them."""
+        for _ in range(self.sp.epoch_steps):
+            self.opt.zero_grad()
+            self.losses().sum().backward()  # trials do not interact: each gets its own gradient
+            self.opt.step()
+        with torch.no_grad():
+            return [finite(v) for v in self.losses().tolist()]
+
+    def trial(self, i: int) -> ButterflyStack:
+        """An unbatched copy of trial i (for a polish, a checkpoint or the final model)."""
+        return self.stack.trial(i) if self.batched else copy.deepcopy(self.stack)
+
+    def keep(self, indices: list[int]) -> None:
+        """Narrow the group to these trials (the others finished or were pruned)."""
+        if not indices or indices == list(range(len(self.specs))):
+            self.specs = [self.specs[i] for i in indices]
+            return
+        count = len(self.specs)
+        self.specs = [self.specs[i] for i in indices]
+        idx = torch.tensor(indices)
+        old = self.stack.state_dict()
+        self.stack = self._build(self.specs)
+        self.stack.load_state_dict(
+            {k: v[idx] if v.dim() > 0 and v.shape[0] == count else v for k, v in old.items()}
+        )
+        self.opt.select(list(self.stack.parameters()), idx)
