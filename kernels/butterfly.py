@@ -119,10 +119,12 @@ class Butterfly(nn.Module):
         return plans
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x = x.reshape(-1, x.shape[-1])
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected last dim {self.in_features}, got {x.shape[-1]}")
+        # kept lean: at batch 1 and n = 256 each torch call here costs about a microsecond
+        shape = x.shape
+        if len(shape) != 2:
+            x = x.reshape(-1, shape[-1])
+        if shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got {shape[-1]}")
         if self.n == 1:
             y = x * self.twiddle_tensor()[..., 0, 0].prod()
         else:
@@ -133,8 +135,10 @@ class Butterfly(nn.Module):
         if self.out_features < y.shape[1]:
             y = y[:, : self.out_features]
         if self.bias is not None:
-            y = y + (torch.view_as_complex(self.bias) if self.complex else self.bias)
-        return y.reshape(*lead, self.out_features)
+            bias = torch.view_as_complex(self.bias) if self.complex else self.bias
+            # y is a fresh tensor: without autograd, add in place (one allocation less)
+            y = y + bias if torch.is_grad_enabled() else y.add_(bias)
+        return y if len(shape) == 2 else y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (

@@ -27,24 +27,40 @@ ROWS_MAX_BATCH = 64  # the row loop beats the tiled forward up to here (kernels/
 
 
 class PlanCache:
-    """The packed row-loop plan of one twiddle, rebuilt when the twiddle changes.
+    """A layer's packed row-loop plan, remembered with the call it fits.
 
-    Keyed on the twiddle's storage, version counter, dtype and stride order; an edit through
-    `.data` bypasses the version counter: call `clear()` after one.
+    Keyed on the twiddle's storage, version counter, dtype and stride order and on x's dtype
+    and batch class, so an optimiser step (in place: a new version) or another batch size is
+    seen. An edit through `.data` bypasses the version counter: call `clear()` after one.
     """
 
     def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
         self._key: tuple | None = None
         self._plan: CPUButterfly | None = None
 
-    def clear(self) -> None:
-        self._key, self._plan = None, None
-
-    def get(self, twiddle: torch.Tensor, increasing: bool, dtype: torch.dtype) -> CPUButterfly:
-        key = (twiddle.data_ptr(), twiddle._version, dtype, increasing, twiddle.shape)
-        if key != self._key or self._plan is None:
-            self._plan = CPUButterfly(twiddle.detach(), increasing, dtype=dtype)
-            self._key = key
+    def lookup(
+        self, twiddle: torch.Tensor, x: torch.Tensor, increasing: bool
+    ) -> CPUButterfly | None:
+        """The row-loop plan for this call, built at most once per key; None off that path."""
+        small = x.dim() == 2 and x.shape[0] <= ROWS_MAX_BATCH and x.device.type == "cpu"
+        grad = torch.is_grad_enabled() and (twiddle.requires_grad or x.requires_grad)
+        key = (
+            twiddle.data_ptr(),
+            twiddle._version,
+            twiddle.dtype,
+            x.dtype,
+            increasing,
+            small,
+            grad,
+        )
+        if key != self._key:
+            plan = None
+            if route(twiddle, x) == "cpu-rows":
+                plan = CPUButterfly(twiddle.detach(), increasing, dtype=x.dtype)
+            self._key, self._plan = key, plan
         return self._plan
 
     def __getstate__(self) -> dict:
@@ -81,6 +97,10 @@ def butterfly_multiply(
     twiddle: tied (nblocks, n-1, 2, 2) or untied (nblocks, m, n/2, 2, 2), real or complex.
     cache: where the row loop keeps its packed twiddle between calls (Butterfly passes one).
     """
+    if cache is not None:
+        plan = cache.lookup(twiddle, x, increasing_stride)
+        if plan is not None:
+            return plan(x)
     path = route(twiddle, x)
     if path == "triton":
         # imported lazily: Triton decides at import whether to interpret its kernels, and
@@ -89,8 +109,7 @@ def butterfly_multiply(
 
         return butterfly_multiply_triton(twiddle, x, increasing_stride)
     if path == "cpu-rows":
-        plan = (cache or PlanCache()).get(twiddle, increasing_stride, x.dtype)
-        return plan(x)
+        return CPUButterfly(twiddle.detach(), increasing_stride, dtype=x.dtype)(x)
     if path == "cpu-tiled":
         return butterfly_multiply_tiled(twiddle, x, increasing_stride)
     return butterfly_multiply_reference(twiddle, x, increasing_stride)
