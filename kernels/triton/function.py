@@ -26,6 +26,7 @@ and kept for the backward.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -40,6 +41,7 @@ from kernels.triton import kernels as tk
 from kernels.triton.kernels import INTERPRET, fold_tied, pair_order
 
 MAX_TILE_N = 4096
+BWD_MAX_TILE_COMPLEX = 2048  # complex backward tiles: at 4096 every config spills (report)
 COALESCE = 32  # neighbouring residue classes per strided tile: 128-byte runs of fp32
 FWD_PER_THREAD = 32  # tile values per thread (complex: x2) the autotuner may try, forward
 BWD_PER_THREAD = 16  # backward: ~4 live tiles plus recomputation temporaries
@@ -47,7 +49,9 @@ PARTIAL_BUDGET = 32 << 20  # bytes of twiddle-grad partials per backward launch
 INTERPRET_TILE = 4096  # rows * columns per program under the interpreter: few programs
 INTERPRET_PROGRAMS = 2  # backward programs per column under the interpreter (>1: tests splits)
 INTERPRET_BLOCK_B: int | None = None  # tests force small row tiles (several per program)
-SPILLS: frozenset[tuple[str, int, int]] = frozenset()  # (kind, num_warps, tile values)
+# configs ptxas showed to spill (reports/triton_compile.md): (kind, COMPLEX, C_LOG, LOB,
+# BLOCK_B, num_warps); the tuner never tries them
+SPILLS: frozenset[tuple] = frozenset()
 _LOW = (torch.float16, torch.bfloat16)
 _LAST: dict[str, dict] = {}
 _TW_CACHE: dict[tuple, tuple] = {}
@@ -118,6 +122,14 @@ class Geometry:
                     COMPLEX=self.complex, X_CPLX=x_cplx, TW_CPLX=self.tw_complex)
 
 
+def backward_geometry(g: Geometry) -> Geometry:
+    """The backward's plan: g, but complex tiles of at most BWD_MAX_TILE_COMPLEX points (a
+    4096-point complex backward tile spills at every config: reports/triton_compile.md)."""
+    if not g.complex or all((1 << p.c_log) * p.lob <= BWD_MAX_TILE_COMPLEX for p in g.passes):
+        return g
+    return dataclasses.replace(g, passes=tuple(plan_passes(g.m, BWD_MAX_TILE_COMPLEX)))
+
+
 def check_inputs(twiddle: torch.Tensor, x: torch.Tensor) -> tuple[int, int, bool]:
     """Validate shapes, dtypes and devices; returns (n, nblocks, tied) or raises ValueError."""
     if x.dim() != 2:
@@ -183,10 +195,10 @@ def tw_planes(twiddle: torch.Tensor, g: Geometry) -> tuple[torch.Tensor, ...]:
     return planes
 
 
-def _prune(per_thread_max: int, rows_arg: str):
+def _prune(per_thread_max: int, rows_arg: str, kind: str, spills: frozenset):
     """early_config_prune: configs whose tile fits per_thread_max values per thread and
-    plane-set (more spill; see reports/triton_compile.md), and that fill at least a quarter
-    of it."""
+    plane-set, that fill at least a quarter of it, and that the compile report did not see
+    spill (spills: (kind, COMPLEX, C_LOG, LOB, BLOCK_B, num_warps); reports/triton_compile.md)."""
 
     def prune(configs: list, named_args: dict, **kwargs: object) -> list:
         args = {**named_args, **kwargs}
@@ -196,14 +208,24 @@ def _prune(per_thread_max: int, rows_arg: str):
         def load(c: triton.Config) -> float:
             return c.kwargs["BLOCK_B"] * width / (32 * c.num_warps)
 
+        def spills_(c: triton.Config) -> bool:
+            return (kind, bool(args["COMPLEX"]), args["C_LOG"], args["LOB"], c.kwargs["BLOCK_B"],
+                    c.num_warps) in spills
+
         fit = [c for c in configs if load(c) <= per_thread_max and c.kwargs["BLOCK_B"] <= rows
-               and (c.num_warps, width) not in SPILLS]
-        if not fit:  # not even one row fits: the least loaded config
-            return [min(configs, key=load)]
+               and not spills_(c)]
+        if not fit:  # not even one row fits: the least loaded config that does not spill
+            return [min(configs, key=lambda c: (spills_(c), load(c)))]
         top = max(load(c) for c in fit)
         return [c for c in fit if 4 * load(c) >= top]
 
     return prune
+
+
+def _prune_fn(kind: str, spills: frozenset | None = None):
+    """The tuner's prune for kind "fwd" / "bwd" (spills: SPILLS unless given)."""
+    cap, rows = (FWD_PER_THREAD, "batch") if kind == "fwd" else (BWD_PER_THREAD, "rows_per_split")
+    return _prune(cap, rows, kind, SPILLS if spills is None else spills)
 
 
 def rows_log2(rows: int) -> int:
@@ -214,7 +236,7 @@ def rows_log2(rows: int) -> int:
 
 _CONFIGS = [triton.Config({"BLOCK_B": 1 << i}, num_warps=w) for i in range(11) for w in (4, 8, 16)]
 _KEY = ["n", "rows_log2", "C_LOG", "LOB", "TIED", "INCREASING", "COMPLEX", "X_CPLX", "TW_CPLX"]
-_PRUNE = {"fwd": _prune(FWD_PER_THREAD, "batch"), "bwd": _prune(BWD_PER_THREAD, "rows_per_split")}
+_PRUNE = {"fwd": _prune_fn("fwd"), "bwd": _prune_fn("bwd")}
 _KERNELS = {"fwd": tk.butterfly_fwd_kernel, "bwd": tk.butterfly_bwd_kernel}
 
 
@@ -350,8 +372,8 @@ class ButterflyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         twiddle, x = ctx.saved_tensors
-        g: Geometry = ctx.g
-        tws = ctx.tws
+        g = backward_geometry(ctx.g)
+        tws = ctx.tws if g is ctx.g else tw_planes(twiddle, g)
         # recompute the input of every (block, pass) segment but the first (that is x)
         inputs, _ = run_forward(_dense(x), tws, g, fuse=False, keep=True)
         # twiddle grads come in kernel pair order for tied twiddles too: unpermuted, folded below
