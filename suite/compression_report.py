@@ -143,11 +143,11 @@ def _cap_reasons(rows: pd.DataFrame, best: str) -> list[str]:
     if dense.still_improving.fillna(False).astype(bool).any():
         reasons.append("dense stopped by a cap while still improving")
     capped = rows[rows.budget_capped.astype(bool) | rows.stopped_by.str.contains("cap")]
-    for method, role in (("dense", "dense"), (best, "best butterfly")):
+    for method, who in (("dense", "dense"), (best, f"best butterfly {best}")):
         k = int((capped.method == method).sum())
         if k:
             n = int((rows.method == method).sum())
-            reasons.append(f"{role} {method} hit a cap in {k} of {n} seed(s)")
+            reasons.append(f"{who} hit a cap in {k} of {n} seed(s)")
     others = sorted(set(capped.method) - {"dense", best})
     if others:
         reasons.append(f"{len(others)} other butterfly candidate(s) hit a cap: {', '.join(others)}")

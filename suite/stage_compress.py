@@ -208,6 +208,7 @@ def cmd_compress_report(args: argparse.Namespace) -> int:
         "compress", f"compress-report-{profile}", {"profile": profile}, tags
     ) as run:
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        run.set_tags({k: metrics[k] for k in ("gap_verdict", "best_butterfly") if k in metrics})
         for path in (args.table, args.figure, args.summary):
             run.log_artifact(path)
     _log(f"[compress-report] {len(df)} rows -> {args.table}, {args.figure} ({uri})")

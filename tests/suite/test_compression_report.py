@@ -77,7 +77,7 @@ def test_final_rows_get_a_plain_verdict() -> None:
         ({"dense": {"still_improving": True, "budget_capped": True, "stopped_by": "epoch_cap"}},
          "dense stopped by a cap while still improving"),
         ({"dense": {"budget_capped": True, "stopped_by": "time_cap"}},
-         "dense dense hit a cap in 3 of 3 seed(s)"),
+         "dense hit a cap in 3 of 3 seed(s)"),
         ({"bp_real": {"budget_capped": True, "stopped_by": "epoch_cap"}},
          "best butterfly bp_real hit a cap in 3 of 3 seed(s)"),
         ({"bpbp_real": {"budget_capped": True, "stopped_by": "epoch_cap"}},
