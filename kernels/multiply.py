@@ -3,9 +3,10 @@
 `route(twiddle, x)` names the path a call takes; `butterfly_multiply` takes it:
 
 - "triton": CUDA tensors, the fused Triton kernels (kernels/triton), with autograd.
-- "cpu-rows": CPU, real float32/float64, no gradient needed, batch up to ROWS_MAX_BATCH: the
-  packed in-place C row loop (kernels.cpu.CPUButterfly; its vectorised torch fallback at any
-  batch when there is no C compiler), cached in a `PlanCache` when one is passed.
+- "cpu-rows": CPU, real float32/float64, no gradient needed: the packed in-place C row loop
+  (kernels.cpu.CPUButterfly, or its vectorised torch fallback when there is no C compiler),
+  cached in a `PlanCache` when one is passed. It beats the tiled forward at every batch
+  measured (1 .. 256, n = 64 .. 4096: kernels/cpu/bench.py).
 - "cpu-tiled": CPU, float32/float64/complex64/complex128 otherwise: the tiled C forward and
   backward (kernels.cpu.tiled), with autograd.
 - "reference": everything else (other dtypes or devices, gradients or complex without a C
@@ -23,15 +24,14 @@ from kernels.cpu.tiled import butterfly_multiply_tiled, tiled_dtype
 from kernels.reference import butterfly_multiply_reference
 
 ROW_DTYPES = (torch.float32, torch.float64)
-ROWS_MAX_BATCH = 64  # the row loop beats the tiled forward up to here (kernels/cpu/bench.py)
 
 
 class PlanCache:
     """A layer's packed row-loop plan, remembered with the call it fits.
 
-    Keyed on the twiddle's storage, version counter, dtype and stride order and on x's dtype
-    and batch class, so an optimiser step (in place: a new version) or another batch size is
-    seen. An edit through `.data` bypasses the version counter: call `clear()` after one.
+    Keyed on the twiddle's storage, version counter, dtype and stride order, on x's dtype and
+    device and on whether a gradient is needed, so an optimiser step (in place: a new version)
+    is seen. An edit through `.data` bypasses the version counter: call `clear()` after one.
     """
 
     def __init__(self) -> None:
@@ -45,17 +45,9 @@ class PlanCache:
         self, twiddle: torch.Tensor, x: torch.Tensor, increasing: bool
     ) -> CPUButterfly | None:
         """The row-loop plan for this call, built at most once per key; None off that path."""
-        small = x.dim() == 2 and x.shape[0] <= ROWS_MAX_BATCH and x.device.type == "cpu"
         grad = torch.is_grad_enabled() and (twiddle.requires_grad or x.requires_grad)
-        key = (
-            twiddle.data_ptr(),
-            twiddle._version,
-            twiddle.dtype,
-            x.dtype,
-            increasing,
-            small,
-            grad,
-        )
+        t = twiddle
+        key = (t.data_ptr(), t._version, t.dtype, x.dtype, x.device, increasing, grad)
         if key != self._key:
             plan = None
             if route(twiddle, x) == "cpu-rows":
@@ -78,11 +70,9 @@ def route(twiddle: torch.Tensor, x: torch.Tensor) -> str:
     dtype = tiled_dtype(twiddle, x)
     if dtype is None:
         return "reference"
-    compiled = not forced_torch() and library() is not None
     if dtype in ROW_DTYPES and not _needs_grad(twiddle, x):
-        if not compiled or (x.dim() == 2 and x.shape[0] <= ROWS_MAX_BATCH):
-            return "cpu-rows"  # without a compiler: the plan's vectorised torch fallback
-    return "cpu-tiled" if compiled else "reference"
+        return "cpu-rows"  # without a compiler: the plan's vectorised torch fallback
+    return "cpu-tiled" if not forced_torch() and library() is not None else "reference"
 
 
 def butterfly_multiply(

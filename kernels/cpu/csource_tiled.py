@@ -27,39 +27,52 @@ TILED_BODY = r"""
 #define TR_SFX ((int64_t)(TL_BYTES / sizeof(real_t)))
 
 /* rows [r0, r0 + rows) of x into buf (element-major); missing rows / imaginary parts are 0.
-   xr, xi: real and imaginary bases (xi NULL: real input), strides s0, s1 in real_t units. */
+   xr, xi: real and imaginary bases (xi NULL: real input), strides s0, s1 in real_t units.
+   Blocks of TB elements: the TB destination lines stay in L1 while every row fills them. */
+#define TB 16
 static void tl_load_SFX(const real_t *xr, const real_t *xi, int64_t s0, int64_t s1, int64_t r0,
                         int64_t rows, int64_t n, int cplx, real_t *buf)
 {
     const int64_t R = TR_SFX;
     if (rows < R || (cplx && !xi))
         memset(buf, 0, (size_t)(n * R * (cplx ? 2 : 1)) * sizeof(real_t));
-    for (int64_t r = 0; r < rows; r++) {
-        const real_t *row = xr + (r0 + r) * s0;
-        for (int64_t i = 0; i < n; i++) buf[i * R + r] = row[i * s1];
+    for (int64_t i0 = 0; i0 < n; i0 += TB) {
+        const int64_t i1 = i0 + TB < n ? i0 + TB : n;
+        for (int64_t r = 0; r < rows; r++) {
+            const real_t *row = xr + (r0 + r) * s0;
+            for (int64_t i = i0; i < i1; i++) buf[i * R + r] = row[i * s1];
+        }
         if (cplx && xi) {
-            const real_t *rowi = xi + (r0 + r) * s0;
             real_t *bi = buf + n * R;
-            for (int64_t i = 0; i < n; i++) bi[i * R + r] = rowi[i * s1];
+            for (int64_t r = 0; r < rows; r++) {
+                const real_t *rowi = xi + (r0 + r) * s0;
+                for (int64_t i = i0; i < i1; i++) bi[i * R + r] = rowi[i * s1];
+            }
         }
     }
 }
 
-/* buf's first `rows` rows into y (yi NULL: real part only). */
+/* buf's first `rows` rows into y (yi NULL: real part only), in blocks of TB elements. */
 static void tl_store_SFX(const real_t *buf, int64_t n, int cplx, int64_t r0, int64_t rows,
                          real_t *yr, real_t *yi, int64_t s0, int64_t s1)
 {
     const int64_t R = TR_SFX;
-    for (int64_t r = 0; r < rows; r++) {
-        real_t *row = yr + (r0 + r) * s0;
-        for (int64_t i = 0; i < n; i++) row[i * s1] = buf[i * R + r];
+    for (int64_t i0 = 0; i0 < n; i0 += TB) {
+        const int64_t i1 = i0 + TB < n ? i0 + TB : n;
+        for (int64_t r = 0; r < rows; r++) {
+            real_t *row = yr + (r0 + r) * s0;
+            for (int64_t i = i0; i < i1; i++) row[i * s1] = buf[i * R + r];
+        }
         if (cplx && yi) {
-            real_t *rowi = yi + (r0 + r) * s0;
             const real_t *bi = buf + n * R;
-            for (int64_t i = 0; i < n; i++) rowi[i * s1] = bi[i * R + r];
+            for (int64_t r = 0; r < rows; r++) {
+                real_t *rowi = yi + (r0 + r) * s0;
+                for (int64_t i = i0; i < i1; i++) rowi[i * s1] = bi[i * R + r];
+            }
         }
     }
 }
+#undef TB
 
 /* One level of stride s: src -> dst (dst may be src). tw: the level's first 2x2. */
 static void tl_fwd_real_SFX(const real_t *src, real_t *dst, int64_t n, int64_t s,

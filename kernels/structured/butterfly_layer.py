@@ -6,6 +6,9 @@ B a tied butterfly (kernels.butterfly.Butterfly, tied=True: 4(n-1) real numbers,
 complex) and P either the fixed bit-reversal permutation (an index gather) or a learned relaxed
 Permutation (kernels.permutation, share=True: 3 logits). Complex layers take real input,
 compute in complex and return the real part, so W = Re(B_2 P_2 B_1 P_1).
+Inference (no autograd) on the CPU runs compiled: each B through kernels.multiply (the row loop
+or the tiled kernels, complex included) and a learned P through kernels.cpu.permute.
+
 Init: Butterfly's "ortho" (every 2x2 Haar orthogonal / unitary), so each B is orthogonal /
 unitary and a fixed-P real layer is orthogonal at init (norm-preserving; a complex layer's
 product is unitary, its real part a contraction). The paper's randn init is not used here.
@@ -17,12 +20,14 @@ import torch
 from torch import nn
 
 from kernels.butterfly import Butterfly, tied_bp_matrix
+from kernels.cpu.permute import PermutationPlanCache
 from kernels.factorize import hierarchical_butterfly
 from kernels.multiply import butterfly_multiply
 from kernels.permutation import Permutation, bit_reversal
 from kernels.structured.base import StructuredLayer, check_size
 
 INIT = "ortho"
+FAST_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 LOGIT_INIT = 4.0  # sigmoid(4) = 0.98 per level: close to bit reversal, still trainable
 
 
@@ -62,7 +67,17 @@ class BPLayer(StructuredLayer):
         self.register_buffer("perm", bit_reversal(n))
 
     def _permute(self, block: int, x: torch.Tensor) -> torch.Tensor:
-        return self.perms[block](x) if self.learned else x.index_select(1, self.perm)
+        if not self.learned:
+            return x.index_select(1, self.perm)
+        perm = self.perms[block]
+        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in FAST_DTYPES:
+            return perm(x)
+        # inference: the compiled chain of relaxed steps (same values as perm(x), no autograd)
+        cache = self.__dict__.get("_perm_plans")
+        if cache is None:  # layers pickled before the cache existed
+            cache = self._perm_plans = PermutationPlanCache()
+        plan = cache.lookup(perm, x.dtype)
+        return perm(x) if plan is None else plan(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -1,0 +1,82 @@
+"""Compiled relaxed permutations (kernels.cpu.permute) and the layers' inference paths.
+
+Against kernels.permutation (the torch definition) and the float64 oracle, on fresh random
+probabilities and inputs (the `gen` fixture prints its seed).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.cpu import compiled
+from kernels.cpu.permute import PermutationPlanCache, RelaxedPermutationPlan
+from kernels.permutation import Permutation
+from kernels.structured.butterfly_layer import BPLayer
+
+DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
+
+
+@pytest.fixture(autouse=True)
+def _compiled() -> None:
+    if not compiled.compiled_available():
+        pytest.skip(f"compiled kernels unavailable: {compiled.backend()}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64", "c64", "c128"])
+def test_plan_equals_the_torch_permutation(dtype: torch.dtype, gen: torch.Generator) -> None:
+    """Same values as Permutation.forward, to the last bit: shared, per level, top only,
+    relaxed and rounded, n = 4 .. 2048, batch 1 and 5, strided input."""
+    for n in (4, 8, 64, 2048):
+        for share, top_only in ((True, False), (False, False), (False, True)):
+            perm = Permutation(n, share=share, generator=gen, top_only=top_only)
+            for rounded in (False, True):
+                if rounded:
+                    perm.round_()
+                for batch in (1, 5):
+                    x = torch.randn(batch, 2 * n, dtype=dtype, generator=gen)[:, ::2]
+                    plan = RelaxedPermutationPlan(perm.probs(), n, top_only, dtype)
+                    with torch.no_grad():
+                        want = perm(x)
+                    got = plan(x)
+                    what = f"n={n} share={share} top_only={top_only} rounded={rounded}"
+                    assert torch.equal(got, want), f"{what}: {(got - want).abs().max():.3g}"
+
+
+def test_plan_cache_follows_logit_updates(gen: torch.Generator) -> None:
+    """An in-place logit update or round_() rebuilds the plan; the same logits reuse it."""
+    perm = Permutation(16, share=True, generator=gen)
+    cache = PermutationPlanCache()
+    x = torch.randn(3, 16, generator=gen)
+    first = cache.lookup(perm, x.dtype)
+    assert first is not None and cache.lookup(perm, x.dtype) is first
+    with torch.no_grad():
+        perm.logits.mul_(-1.0)
+        torch.testing.assert_close(cache.lookup(perm, x.dtype)(x), perm(x), rtol=0, atol=0)
+    perm.round_()
+    with torch.no_grad():
+        torch.testing.assert_close(cache.lookup(perm, x.dtype)(x), perm(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("nblocks", [1, 2])
+def test_layers_infer_like_they_train(nblocks: int, gen: torch.Generator) -> None:
+    """BP / BPBP, real and complex, fixed and learned P: the compiled inference path equals
+    the layer's dense matrix (float64 oracle of the same weights) at batch 1 and 37."""
+    n = 64
+    for complex_ in (False, True):
+        for learned in (False, True):
+            layer = BPLayer(n, nblocks, complex_, learned, generator=gen)
+            with torch.no_grad():  # move the logits off their init so P is a real mixture
+                for p in layer.perms:
+                    p.logits.copy_(torch.randn(p.logits.shape, generator=gen))
+            wide = BPLayer(n, nblocks, complex_, learned).double()
+            wide.load_state_dict(layer.state_dict())
+            w = wide.matrix()
+            for batch in (1, 37):
+                x = torch.randn(batch, n, generator=gen)
+                with torch.inference_mode():
+                    y = layer.eval()(x)
+                exact = x.double() @ w.T
+                err = ((y.double() - exact).abs().max() / exact.abs().max()).item()
+                what = f"complex={complex_} learned={learned} batch={batch}"
+                assert y.dtype == torch.float32 and err <= 1e-5, f"{what}: {err:.3g}"
