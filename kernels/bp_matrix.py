@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.multiply import butterfly_multiply
 from kernels.reference import log2_exact
 
 
@@ -22,9 +23,9 @@ def _rdot(x: torch.Tensor, y: torch.Tensor, dims: int) -> torch.Tensor:
     if x.is_complex():
         x, y = torch.view_as_real(x), torch.view_as_real(y)
         dims += 1
-    shape = torch.broadcast_shapes(x.shape, y.shape)
-    x, y = x.expand(shape), y.expand(shape)
-    return torch.einsum("...k,...k->...", x.flatten(-dims), y.flatten(-dims))
+    if x.shape == y.shape and x.is_contiguous() and y.is_contiguous():  # no temporary
+        return torch.einsum("...k,...k->...", x.flatten(-dims), y.flatten(-dims))
+    return (x * y).sum(dim=tuple(range(-dims, 0)))
 
 
 class _BPLevel(torch.autograd.Function):
@@ -82,7 +83,7 @@ class _BPLevel(torch.autograd.Function):
 
 
 # Below this many output entries a level runs as plain autograd ops (fewer Python calls).
-FUSED_MIN_ENTRIES = 1 << 14
+FUSED_MIN_ENTRIES = 1 << 18  # measured: below it the plain ops are cheaper
 
 
 def _bp_level_composite(mat: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -127,14 +128,42 @@ def tied_bp_matrix(twiddle: torch.Tensor, probs: torch.Tensor | None) -> torch.T
     return mat
 
 
+class _ColumnLevel(torch.autograd.Function):
+    """(x (L, R, 2, h), p (L, 3)) -> x (I (x) Q_2h) in the layout (L, R, 2h); L = lead dims."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        pc = p.to(x.dtype)
+        dx = x.flip(-1) - x
+        a = torch.addcmul(x, dx, pc[..., None, 1:3, None])  # R: reverse each half
+        ai = a.transpose(-1, -2).contiguous()  # E: column 2 i + b <- column b h + i
+        z = torch.lerp(a.view(ai.shape), ai, pc[..., 0, None, None, None])
+        ctx.save_for_backward(dx, a, ai, p)
+        return z
+
+    @staticmethod
+    def backward(ctx, gz: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        dx, a, ai, p = ctx.saved_tensors
+        gz = gz.contiguous()
+        pc = p.to(gz.dtype)
+        # ga[b, i] = (1 - p0) gz[b h + i] + p0 gz[2 i + b]
+        ga = torch.lerp(gz.view(a.shape), gz.transpose(-1, -2), pc[..., 0, None, None, None])
+        w = pc[..., None, 1:3, None]
+        gx = torch.addcmul(ga, ga.flip(-1) - ga, w)
+        gp = None
+        if ctx.needs_input_grad[1]:
+            gp0 = _rdot(gz, ai, 3) - _rdot(gz, a.view(ai.shape), 3)
+            gp12 = (ga.conj() * dx).real.sum(dim=(-3, -1)) if ga.is_complex() else (
+                (ga * dx).sum(dim=(-3, -1)))
+            gp = torch.cat([gp0.unsqueeze(-1), gp12], dim=-1).to(p.dtype)
+        return gx, gp
+
+
 def column_level(x: torch.Tensor, p: torch.Tensor, k: int) -> torch.Tensor:
     """x (I (x) Q_k) for x (..., rows, n), Q_k one relaxed level, p (..., 3) (leading dims)."""
-    lead, shape, h = p.shape[:-1], x.shape, k // 2
-    pc = p.to(x.dtype)
+    lead, h = p.shape[:-1], k // 2
     xv = x.reshape(*lead, -1, 2, h)
-    a = torch.lerp(xv, xv.flip(-1), pc[..., None, 1:3, None])  # R: reverse each half
-    ai = a.transpose(-1, -2).reshape(*lead, -1, k)  # E: column 2 i + b <- column b h + i
-    return torch.lerp(a.reshape(*lead, -1, k), ai, pc[..., 0, None, None]).reshape(shape)
+    return _ColumnLevel.apply(xv, p).reshape(x.shape)
 
 
 def permute_columns(x: torch.Tensor, probs: torch.Tensor, top_only: bool = False) -> torch.Tensor:
@@ -153,15 +182,40 @@ def gather_columns(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, -1, idx)
 
 
-def right_butterfly(x: torch.Tensor, twiddle: torch.Tensor) -> torch.Tensor:
-    """x B for x (..., rows, n) and a tied twiddle (..., n-1, 2, 2): the size-n factor first."""
+def right_butterfly(x: torch.Tensor, twiddle: torch.Tensor, skip: int = 0) -> torch.Tensor:
+    """x B for x (..., rows, n) and a tied twiddle (..., n-1, 2, 2), leaving out B's `skip`
+    lowest levels (strides 1 .. 2**(skip-1)). Rows go through butterfly_multiply as B^T x."""
     n = x.shape[-1]
-    m = log2_exact(n)
-    lead, shape = twiddle.shape[:-3], x.shape
-    for level in range(m - 1, -1, -1):
-        s = 1 << level
-        # column (h, j) of a block of X (I (x) BF_2s) is sum_a X[a, j] t[j, a, h]
-        t = twiddle[..., s - 1 : 2 * s - 1, :, :].movedim(-3, -1).unsqueeze(-4)  # (1, a, h, j)
-        xv = x.reshape(*lead, -1, 2, s)
-        x = torch.addcmul(xv[..., 0:1, :] * t[..., 0, :, :], xv[..., 1:2, :], t[..., 1, :, :])
-    return x.reshape(shape)
+    tw = twiddle.transpose(-1, -2)  # x B = (B^T x^T)^T; B^T applies the size-n factor first
+    if skip:
+        eye = torch.eye(2, dtype=tw.dtype).expand(*tw.shape[:-3], (1 << skip) - 1, 2, 2)
+        tw = torch.cat([eye, tw[..., (1 << skip) - 1 :, :, :]], dim=-3)
+    lead = twiddle.shape[:-3]
+    if not lead:
+        return butterfly_multiply(tw.unsqueeze(0), x, False)
+    rows = [
+        butterfly_multiply(t.unsqueeze(0), xt, False)
+        for t, xt in zip(tw.reshape(-1, n - 1, 2, 2), x.reshape(-1, *x.shape[-2:]), strict=True)
+    ]
+    return torch.stack(rows).reshape(x.shape)
+
+
+def times_bp(
+    k: torch.Tensor, twiddle: torch.Tensor, probs: torch.Tensor, block: int
+) -> torch.Tensor:
+    """K B P for K (..., rows, n), B P of tied twiddle (..., n-1, 2, 2) and relaxed probs.
+
+    B P = B_top (I (x) B_b P_b) Q_2b ... Q_n (b = block): the top butterfly levels through
+    butterfly_multiply, the b x b matrix B_b P_b (tied_bp_matrix) as one matmul on column
+    blocks, then the permutation's levels of size 2b .. n as column ops: O(rows n (log(n/b) + b)).
+    """
+    n = k.shape[-1]
+    m, mb = log2_exact(n), log2_exact(block)
+    x = right_butterfly(k, twiddle, skip=mb)
+    sub = probs[..., m - mb :, :] if probs.shape[-2] > 1 else probs
+    nb = tied_bp_matrix(twiddle[..., : block - 1, :, :], sub)  # (..., b, b)
+    lead = twiddle.shape[:-3]
+    x = (x.reshape(*lead, -1, block) @ nb).reshape(k.shape)
+    for level in range(m - mb - 1, -1, -1):
+        x = column_level(x, _level_probs(probs, level), n >> level)
+    return x

@@ -159,6 +159,7 @@ def tied_bp_matrix(twiddle: torch.Tensor, probs: torch.Tensor | None) -> torch.T
 # bpbp joins its two blocks by a dense product up to this n, above it by pushing the rows of
 # B2 P2 through B1 and P1 in O(n^2 log n) (measured: reports/recovery_step_times.md)
 BPBP_DENSE_MAX_N = 256
+BPBP_PUSH_BLOCK = 64  # B1's levels below this size join as one dense b x b block
 
 
 class StackedTwiddle(nn.Module):
@@ -326,9 +327,13 @@ class ButterflyStack(nn.Module):
             if self.n <= BPBP_DENSE_MAX_N:
                 mat = self._block(1) @ mat
             else:
-                twiddle = self.butterflies[0].twiddle_tensor()[..., 0, :, :, :]
-                mat = bp_matrix.right_butterfly(self._block(1), twiddle)
-                mat = self._columns(mat, self.perms[0])
+                twiddle, perm = self.butterflies[0].twiddle_tensor()[..., 0, :, :, :], self.perms[0]
+                if bool(perm.hard):
+                    mat = bp_matrix.right_butterfly(self._block(1), twiddle)
+                    mat = bp_matrix.gather_columns(mat, perm.column_order())
+                else:
+                    block = min(BPBP_PUSH_BLOCK, self.n)
+                    mat = bp_matrix.times_bp(self._block(1), twiddle, perm.probs(), block)
         if self.extra_perm is not None:
             mat = self._columns(mat, self.extra_perm)
         return mat

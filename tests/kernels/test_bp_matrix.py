@@ -52,6 +52,7 @@ def test_matrix_is_forward_on_identity(
     if push and model != "bpbp":
         pytest.skip("push only joins the blocks of bpbp")
     monkeypatch.setattr(butterfly, "BPBP_DENSE_MAX_N", 2 if push else 1 << 20)
+    monkeypatch.setattr(butterfly, "BPBP_PUSH_BLOCK", 4)  # push: 3 levels of each kind at n=32
     g = _gen()
     stack = ButterflyStack(
         n, model, share_logits=share, real_output=real_output, extra_perm=extra_perm, generator=g
@@ -90,6 +91,16 @@ def test_bp_level_gradcheck(complex_: bool, lead: tuple[int, ...]) -> None:
         t = torch.randn(*lead, s, 2, 2, dtype=dtype, generator=g, requires_grad=True)
         p = torch.rand(*lead, 3, dtype=torch.float64, generator=g, requires_grad=True)
         assert torch.autograd.gradcheck(bp_matrix._BPLevel.apply, (mat, t, p))
+
+
+@pytest.mark.parametrize("complex_", [True, False])
+@pytest.mark.parametrize("lead", [(), (2,)])
+def test_column_level_gradcheck(complex_: bool, lead: tuple[int, ...]) -> None:
+    g = _gen()
+    dtype = torch.complex128 if complex_ else torch.float64
+    x = torch.randn(*lead, 3, 2, 4, dtype=dtype, generator=g, requires_grad=True)
+    p = torch.rand(*lead, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(bp_matrix._ColumnLevel.apply, (x, p))
 
 
 def test_fp32_error_within_twice_the_old_recursion() -> None:
@@ -180,6 +191,7 @@ def test_batched_values_and_gradients_are_per_trial(
 ) -> None:
     """float64: matrix()[t] and the gradients of a summed per-trial loss equal trial t's own."""
     monkeypatch.setattr(butterfly, "BPBP_DENSE_MAX_N", 2 if push else 1 << 20)
+    monkeypatch.setattr(butterfly, "BPBP_PUSH_BLOCK", 8)
     kw = dict(share_logits=share, extra_perm=extra_perm, real_output=model == "bpp")
     batched = ButterflyStack(32, model, trials=3, generator=[_gen() for _ in range(3)], **kw)
     batched = batched.double()
