@@ -3,10 +3,11 @@
 `route(twiddle, x)` names the path a call takes; `butterfly_multiply` takes it:
 
 - "triton": CUDA tensors, the fused Triton kernels (kernels/triton), with autograd.
-- "cpu-rows": CPU, real float32/float64, no gradient needed: the packed in-place C row loop
-  (kernels.cpu.CPUButterfly, or its vectorised torch fallback when there is no C compiler),
-  cached in a `PlanCache` when one is passed. It beats the tiled forward at every batch
-  measured (1 .. 256, n = 64 .. 4096: kernels/cpu/bench.py).
+- "cpu-rows": CPU, no gradient needed, real float32/float64 at any batch: the packed in-place
+  C row loop (kernels.cpu.CPUButterfly, or its vectorised torch fallback when there is no C
+  compiler), which beats the tiled forward at every batch measured (1 .. 256, n = 64 ..
+  4096); complex up to COMPLEX_ROWS_MAX_BATCH rows: the complex row loop
+  (kernels.cpu.complex_rows). Cached in a `PlanCache` when one is passed.
 - "cpu-tiled": CPU, float32/float64/complex64/complex128 otherwise: the tiled C forward and
   backward (kernels.cpu.tiled), with autograd.
 - "reference": everything else (other dtypes or devices, gradients or complex without a C
@@ -20,10 +21,13 @@ import torch
 
 from kernels.cpu import CPUButterfly
 from kernels.cpu.compiled import forced_torch, library
+from kernels.cpu.complex_rows import ComplexRowPlan
 from kernels.cpu.tiled import butterfly_multiply_tiled, tiled_dtype
 from kernels.reference import butterfly_multiply_reference
 
 ROW_DTYPES = (torch.float32, torch.float64)
+# the complex row loop beats the tiled forward up to here (n = 1024: crossover 4 .. 16 rows)
+COMPLEX_ROWS_MAX_BATCH = 8
 
 
 class PlanCache:
@@ -39,24 +43,33 @@ class PlanCache:
 
     def clear(self) -> None:
         self._key: tuple | None = None
-        self._plan: CPUButterfly | None = None
+        self._plan: CPUButterfly | ComplexRowPlan | None = None
 
     def lookup(
         self, twiddle: torch.Tensor, x: torch.Tensor, increasing: bool
-    ) -> CPUButterfly | None:
+    ) -> CPUButterfly | ComplexRowPlan | None:
         """The row-loop plan for this call, built at most once per key; None off that path."""
         grad = torch.is_grad_enabled() and (twiddle.requires_grad or x.requires_grad)
+        small = x.dim() == 2 and x.shape[0] <= COMPLEX_ROWS_MAX_BATCH
         t = twiddle
-        key = (t.data_ptr(), t._version, t.dtype, x.dtype, x.device, increasing, grad)
+        key = (t.data_ptr(), t._version, t.dtype, x.dtype, x.device, increasing, grad, small)
         if key != self._key:
             plan = None
             if route(twiddle, x) == "cpu-rows":
-                plan = CPUButterfly(twiddle.detach(), increasing, dtype=x.dtype)
+                plan = _row_plan(twiddle, x, increasing)
             self._key, self._plan = key, plan
         return self._plan
 
     def __getstate__(self) -> dict:
         return {"_key": None, "_plan": None}  # the plan holds ctypes buffers: not copied
+
+
+def _row_plan(
+    twiddle: torch.Tensor, x: torch.Tensor, increasing: bool
+) -> CPUButterfly | ComplexRowPlan:
+    if x.is_complex() or twiddle.is_complex():
+        return ComplexRowPlan(twiddle.to(x.dtype) if x.is_complex() else twiddle, increasing)
+    return CPUButterfly(twiddle.detach(), increasing, dtype=x.dtype)
 
 
 def _needs_grad(twiddle: torch.Tensor, x: torch.Tensor) -> bool:
@@ -70,9 +83,14 @@ def route(twiddle: torch.Tensor, x: torch.Tensor) -> str:
     dtype = tiled_dtype(twiddle, x)
     if dtype is None:
         return "reference"
-    if dtype in ROW_DTYPES and not _needs_grad(twiddle, x):
+    grad = _needs_grad(twiddle, x)
+    if dtype in ROW_DTYPES and not grad:
         return "cpu-rows"  # without a compiler: the plan's vectorised torch fallback
-    return "cpu-tiled" if not forced_torch() and library() is not None else "reference"
+    if forced_torch() or library() is None:
+        return "reference"
+    if not grad and x.dim() == 2 and x.shape[0] <= COMPLEX_ROWS_MAX_BATCH:
+        return "cpu-rows"
+    return "cpu-tiled"
 
 
 def butterfly_multiply(
@@ -99,7 +117,7 @@ def butterfly_multiply(
 
         return butterfly_multiply_triton(twiddle, x, increasing_stride)
     if path == "cpu-rows":
-        return CPUButterfly(twiddle.detach(), increasing_stride, dtype=x.dtype)(x)
+        return _row_plan(twiddle, x, increasing_stride)(x)
     if path == "cpu-tiled":
         return butterfly_multiply_tiled(twiddle, x, increasing_stride)
     return butterfly_multiply_reference(twiddle, x, increasing_stride)

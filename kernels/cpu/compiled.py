@@ -71,6 +71,7 @@ class Library:
     tl_backward: dict[torch.dtype, Callable[..., None]]
     tl_rows: dict[torch.dtype, int]
     mix: dict[torch.dtype, Callable[..., None]]
+    crow: dict[torch.dtype, Callable[..., None]]
 
 
 def cache_dir() -> Path:
@@ -158,7 +159,7 @@ def _bind(path: Path, flags: tuple[str, ...]) -> Library:
         raise BuildError(f"cannot load {path}: {e}") from e
     if version != ABI_VERSION:
         raise BuildError(f"{path} has ABI {version}, expected {ABI_VERSION}")
-    bfly, bfly_argv, fwht, tl_fwd, tl_bwd, tl_rows, mix = {}, {}, {}, {}, {}, {}, {}
+    bfly, bfly_argv, fwht, tl_fwd, tl_bwd, tl_rows, mix, crow = {}, {}, {}, {}, {}, {}, {}, {}
     for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64")):
         f = getattr(cdll, f"bfly_{sfx}")
         f.argtypes, f.restype = _BFLY_ARGS, None
@@ -171,14 +172,15 @@ def _bind(path: Path, flags: tuple[str, ...]) -> Library:
         h = getattr(cdll, f"fwht_{sfx}")
         h.argtypes, h.restype = _FWHT_ARGS, None
         fwht[dtype] = h
-        for name, table in (("tl_forward", tl_fwd), ("tl_backward", tl_bwd), ("mix", mix)):
+        tables = (("tl_forward", tl_fwd), ("tl_backward", tl_bwd), ("mix", mix), ("crow", crow))
+        for name, table in tables:
             fn = getattr(cdll, f"{name}_{sfx}")
             fn.restype = None  # one int64 array argument, like bfly_*_argv
             table[dtype] = fn
         rows = getattr(cdll, f"tl_rows_{sfx}")
         rows.restype = ctypes.c_int64
         tl_rows[dtype] = int(rows())
-    lib = Library(path, flags, cdll, bfly, bfly_argv, fwht, tl_fwd, tl_bwd, tl_rows, mix)
+    lib = Library(path, flags, cdll, bfly, bfly_argv, fwht, tl_fwd, tl_bwd, tl_rows, mix, crow)
     _self_check(lib)
     return lib
 

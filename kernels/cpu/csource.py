@@ -18,16 +18,18 @@ Design (one thread, as in the paper's speed figure):
   reused across the tile's rows while the rows stay cache-resident (batch 1 is one tile).
 - fwht_*: the same in-place loop with the 2x2 matrix [[1, 1], [1, -1]] and no twiddle.
 - tl_forward_* / tl_backward_*: the tiled training kernels of csource_tiled.py (real and
-  complex, forward and backward); mix_*: relaxed permutations at inference (csource_mix.py).
+  complex, forward and backward); mix_*: relaxed permutations at inference (csource_mix.py);
+  crow_*: the complex row loop for inference at small batch (csource_crows.py).
 No -ffast-math (see compiled.py): every product and sum is rounded as written.
 """
 
 from __future__ import annotations
 
+from kernels.cpu.csource_crows import CROWS_BODY
 from kernels.cpu.csource_mix import MIX_BODY
 from kernels.cpu.csource_tiled import TILED_BODY
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 _HEADER = r"""
 #include <stdint.h>
@@ -177,6 +179,6 @@ def c_source() -> str:
     """The full C translation unit: header plus the bodies for float and for double."""
     parts = [_HEADER % {"abi": ABI_VERSION}]
     for ctype, suffix in (("float", "_f32"), ("double", "_f64")):
-        for body in (_BODY, TILED_BODY, MIX_BODY):
+        for body in (_BODY, TILED_BODY, MIX_BODY, CROWS_BODY):
             parts.append(body.replace("real_t", ctype).replace("_SFX", suffix))
     return "".join(parts)

@@ -16,6 +16,7 @@ import torch
 import kernels.cpu.tiled as tiled
 from kernels import Butterfly
 from kernels.cpu import compiled
+from kernels.cpu.complex_rows import ComplexRowPlan
 from kernels.multiply import butterfly_multiply, route
 from kernels.reference import butterfly_multiply_reference, log2_exact
 
@@ -199,7 +200,8 @@ def test_butterfly_layer_trains_through_the_compiled_path(gen: torch.Generator) 
 
 
 def test_route_names_each_path(gen: torch.Generator) -> None:
-    """The dispatch: rows for real no-grad calls, tiled for gradients or complex, else reference."""
+    """The dispatch: rows without a gradient (complex: small batches only), tiled with one,
+    the reference for what the C kernels do not cover."""
     tw = random_twiddle(1, 16, True, torch.float32, gen)
     x = random_x(4, 16, torch.float32, gen, 0)
     assert route(tw, x) == "cpu-rows"
@@ -207,7 +209,10 @@ def test_route_names_each_path(gen: torch.Generator) -> None:
     assert route(tw.requires_grad_(), x) == "cpu-tiled"
     with torch.no_grad():
         assert route(tw, x) == "cpu-rows"
-    assert route(tw.detach().to(torch.complex64), x) == "cpu-tiled"
+    assert route(tw.detach().to(torch.complex64), x) == "cpu-rows"  # complex, small batch
+    assert route(tw.detach().to(torch.complex64), random_x(9, 16, torch.float32, gen, 0)) == (
+        "cpu-tiled"
+    )
     assert route(tw.detach().half(), x.half()) == "reference"
     assert route(tw.detach().double(), x) == "reference"  # mixed widths: the oracle's rules
 
@@ -227,3 +232,28 @@ def test_without_a_compiler_training_uses_the_reference(
     with torch.no_grad():
         assert route(tw, random_x(500, 32, torch.float64, gen, 0)) == "cpu-rows"
         assert route(tw.to(torch.complex128), x) == "reference"
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=["c64", "c128"])
+def test_complex_row_loop_matches_the_oracle(dtype: torch.dtype, gen: torch.Generator) -> None:
+    """The complex row loop (inference at small batch): every tying, stride order, nblocks,
+    real or complex strided input, against the wide oracle."""
+    real = tiled._REAL[dtype]
+    for n in (2, 4, 8, 16, 32, 512):
+        for tied in (False, True):
+            for inc in (True, False):
+                for nblocks in (1, 2):
+                    tw = random_twiddle(nblocks, n, tied, dtype, gen)
+                    for xdtype in (dtype, real):
+                        x = random_x(3, n, xdtype, gen, 2)
+                        y = ComplexRowPlan(tw, inc)(x)
+                        exact = butterfly_multiply_reference(
+                            tw.to(torch.complex128), x.to(WIDE[xdtype]), inc
+                        )
+                        narrow = butterfly_multiply_reference(tw, x, inc)
+                        err, ref_err = rel(y, exact), rel(narrow, exact)
+                        what = f"n={n} tied={tied} inc={inc} nblocks={nblocks} x {xdtype}"
+                        assert y.dtype == dtype, what
+                        assert err <= 4 * ref_err + (1e-6 if dtype == torch.complex64 else 1e-13), (
+                            f"{what}: {err:.3g} vs {ref_err:.3g}"
+                        )
