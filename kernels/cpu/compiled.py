@@ -72,6 +72,7 @@ class Library:
     tl_rows: dict[torch.dtype, int]
     mix: dict[torch.dtype, Callable[..., None]]
     crow: dict[torch.dtype, Callable[..., None]]
+    tl_mix: dict[torch.dtype, Callable[..., None]]
 
 
 def cache_dir() -> Path:
@@ -159,7 +160,8 @@ def _bind(path: Path, flags: tuple[str, ...]) -> Library:
         raise BuildError(f"cannot load {path}: {e}") from e
     if version != ABI_VERSION:
         raise BuildError(f"{path} has ABI {version}, expected {ABI_VERSION}")
-    bfly, bfly_argv, fwht, tl_fwd, tl_bwd, tl_rows, mix, crow = {}, {}, {}, {}, {}, {}, {}, {}
+    bfly, bfly_argv, fwht, tl_fwd, tl_bwd, tl_rows = {}, {}, {}, {}, {}, {}
+    mix, crow, tl_mix = {}, {}, {}
     for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64")):
         f = getattr(cdll, f"bfly_{sfx}")
         f.argtypes, f.restype = _BFLY_ARGS, None
@@ -172,7 +174,10 @@ def _bind(path: Path, flags: tuple[str, ...]) -> Library:
         h = getattr(cdll, f"fwht_{sfx}")
         h.argtypes, h.restype = _FWHT_ARGS, None
         fwht[dtype] = h
-        tables = (("tl_forward", tl_fwd), ("tl_backward", tl_bwd), ("mix", mix), ("crow", crow))
+        tables = (
+            ("tl_forward", tl_fwd), ("tl_backward", tl_bwd), ("mix", mix), ("crow", crow),
+            ("tl_mix", tl_mix),
+        )  # fmt: skip
         for name, table in tables:
             fn = getattr(cdll, f"{name}_{sfx}")
             fn.restype = None  # one int64 array argument, like bfly_*_argv
@@ -180,7 +185,9 @@ def _bind(path: Path, flags: tuple[str, ...]) -> Library:
         rows = getattr(cdll, f"tl_rows_{sfx}")
         rows.restype = ctypes.c_int64
         tl_rows[dtype] = int(rows())
-    lib = Library(path, flags, cdll, bfly, bfly_argv, fwht, tl_fwd, tl_bwd, tl_rows, mix, crow)
+    lib = Library(
+        path, flags, cdll, bfly, bfly_argv, fwht, tl_fwd, tl_bwd, tl_rows, mix, crow, tl_mix
+    )
     _self_check(lib)
     return lib
 

@@ -29,7 +29,7 @@ from kernels.cpu.csource_crows import CROWS_BODY
 from kernels.cpu.csource_mix import MIX_BODY
 from kernels.cpu.csource_tiled import TILED_BODY
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 _HEADER = r"""
 #include <stdint.h>

@@ -5,6 +5,8 @@ S(x)[i] = ca[i] x[i] + cb[i] x[q[i]] (two per level: even/odd, then the half rev
 same products and sum that torch computes for (1 - p) x + p y. mix_* runs the chain on each
 row (complex rows as 2n interleaved reals, with the steps widened to match), ping-ponging
 between the output row and a scratch row so that the last step lands in the output.
+tl_mix_* runs the same chain on tiles of the training kernels' element-major layout
+(csource_tiled.py; appended after it), where every gather moves a whole vector of rows.
 """
 
 from __future__ import annotations
@@ -29,6 +31,43 @@ void mix_SFX(const int64_t *a)
             for (int64_t i = 0; i < N; i++) d[i] = ak[i] * src[i] + bk[i] * src[qk[i]];
             src = d;
         }
+    }
+}
+
+/* a: xr, xi, xs0, xs1, yr, yi, ys0, ys1, batch, n, steps, q (int32), ca, cb (steps * n each),
+   cplx, work (two tile buffers). Strides in real_t units; xi / yi as in tl_forward_*. */
+void tl_mix_SFX(const int64_t *a)
+{
+    const real_t *xr = (const real_t *)(intptr_t)a[0], *xi = (const real_t *)(intptr_t)a[1];
+    real_t *yr = (real_t *)(intptr_t)a[4], *yi = (real_t *)(intptr_t)a[5];
+    const int64_t xs0 = a[2], xs1 = a[3], ys0 = a[6], ys1 = a[7], batch = a[8], n = a[9];
+    const int64_t steps = a[10];
+    const int32_t *q = (const int32_t *)(intptr_t)a[11];
+    const real_t *ca = (const real_t *)(intptr_t)a[12], *cb = (const real_t *)(intptr_t)a[13];
+    const int cplx = (int)a[14];
+    const int64_t R = TR_SFX, lvl = n * R * (cplx ? 2 : 1);
+    real_t *buf0 = (real_t *)(intptr_t)a[15], *buf1 = buf0 + lvl;
+    for (int64_t r0 = 0; r0 < batch; r0 += R) {
+        const int64_t rows = batch - r0 < R ? batch - r0 : R;
+        real_t *src = buf0, *dst = buf1;
+        tl_load_SFX(xr, xi, xs0, xs1, r0, rows, n, cplx, src);
+        for (int64_t k = 0; k < steps; k++) {
+            const int32_t *qk = q + k * n;
+            const real_t *ak = ca + k * n, *bk = cb + k * n;
+            for (int64_t part = 0; part < (cplx ? 2 : 1); part++) {
+                const real_t *sp = src + part * n * R;
+                real_t *dp = dst + part * n * R;
+                for (int64_t i = 0; i < n; i++) {
+                    const real_t ai = ak[i], bi = bk[i];
+                    const real_t *u = sp + i * R, *v = sp + (int64_t)qk[i] * R;
+                    real_t *d = dp + i * R;
+#pragma omp simd
+                    for (int64_t r = 0; r < R; r++) d[r] = ai * u[r] + bi * v[r];
+                }
+            }
+            real_t *t = src; src = dst; dst = t;
+        }
+        tl_store_SFX(src, n, cplx, r0, rows, yr, yi, ys0, ys1);
     }
 }
 """

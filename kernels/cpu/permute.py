@@ -44,7 +44,10 @@ def relaxed_steps(
 
 
 class RelaxedPermutationPlan:
-    """P x for x (batch, n), P the relaxed permutation of `probs` (snapshot), via mix_*."""
+    """P x for x (batch, n), P the relaxed permutation of `probs` (snapshot), via mix_* (row
+    by row) up to ROWS_MAX_BATCH rows, via tl_mix_* (tiles of rows, vector gathers) above."""
+
+    ROWS_MAX_BATCH = 4
 
     def __init__(self, probs: torch.Tensor, n: int, top_only: bool, dtype: torch.dtype):
         lib = library()
@@ -53,26 +56,49 @@ class RelaxedPermutationPlan:
         self.n, self.dtype = n, dtype
         self._real = _REAL.get(dtype, dtype)
         q, ca, cb = relaxed_steps(probs, n, top_only, self._real)
-        if dtype.is_complex:  # interleaved (re, im): element i is reals 2i and 2i + 1
+        self._steps = q.shape[0]
+        # tiles: real and imaginary parts are separate planes, so the steps apply as they are
+        self._tq = q.to(torch.int32).contiguous()
+        self._tca, self._tcb = ca.contiguous(), cb.contiguous()
+        if dtype.is_complex:  # rows: interleaved (re, im), element i is reals 2i and 2i + 1
             q = torch.stack([2 * q, 2 * q + 1], dim=-1).flatten(1)
             ca, cb = ca.repeat_interleave(2, dim=1), cb.repeat_interleave(2, dim=1)
         self._q = q.to(torch.int32).contiguous()  # int32: the compiler vectorises the gathers
         self._ca, self._cb = ca.contiguous(), cb.contiguous()
-        self._width = q.shape[1] if q.numel() else n * (2 if dtype.is_complex else 1)
-        self._fn = lib.mix[self._real]
-        self._steps = q.shape[0]
+        self._width = n * (2 if dtype.is_complex else 1)
+        self._rows, self._tiles = lib.mix[self._real], lib.tl_mix[self._real]
+        self._tile = lib.tl_rows[self._real]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.n or x.dtype != self.dtype or not x.is_cpu:
             raise ValueError(f"x must be a CPU {self.dtype} tensor (batch, {self.n})")
-        x = x.contiguous().resolve_conj().resolve_neg()
+        x = x.resolve_conj().resolve_neg()
+        if x.shape[0] > self.ROWS_MAX_BATCH:
+            return self._tiled(x)
+        x = x.contiguous()
         out = torch.empty_like(x)
         tmp = torch.empty(self._width, dtype=self._real)
         args = (ctypes.c_int64 * 9)(
             x.data_ptr(), out.data_ptr(), x.shape[0], self._width, self._steps,
             self._q.data_ptr(), self._ca.data_ptr(), self._cb.data_ptr(), tmp.data_ptr(),
         )  # fmt: skip
-        self._fn(args)
+        self._rows(args)
+        return out
+
+    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+        from kernels.cpu.tiled import _parts
+
+        out = torch.empty(x.shape, dtype=x.dtype)
+        cplx = x.is_complex()
+        work = torch.empty(2 * self.n * self._tile * (2 if cplx else 1), dtype=self._real)
+        xr, xi, xs0, xs1 = _parts(x)
+        yr, yi, ys0, ys1 = _parts(out)
+        args = (ctypes.c_int64 * 16)(
+            xr, xi, xs0, xs1, yr, yi, ys0, ys1, x.shape[0], self.n, self._steps,
+            self._tq.data_ptr(), self._tca.data_ptr(), self._tcb.data_ptr(), cplx,
+            work.data_ptr(),
+        )  # fmt: skip
+        self._tiles(args)
         return out
 
 

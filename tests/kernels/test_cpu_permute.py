@@ -26,14 +26,14 @@ def _compiled() -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64", "c64", "c128"])
 def test_plan_equals_the_torch_permutation(dtype: torch.dtype, gen: torch.Generator) -> None:
     """Same values as Permutation.forward, to the last bit: shared, per level, top only,
-    relaxed and rounded, n = 4 .. 2048, batch 1 and 5, strided input."""
+    relaxed and rounded, n = 4 .. 2048, batch 1, 5 and 37, strided input."""
     for n in (4, 8, 64, 2048):
         for share, top_only in ((True, False), (False, False), (False, True)):
             perm = Permutation(n, share=share, generator=gen, top_only=top_only)
             for rounded in (False, True):
                 if rounded:
                     perm.round_()
-                for batch in (1, 5):
+                for batch in (1, 5, 37):  # the row chain, one tile, tiles and a rest
                     x = torch.randn(batch, 2 * n, dtype=dtype, generator=gen)[:, ::2]
                     plan = RelaxedPermutationPlan(perm.probs(), n, top_only, dtype)
                     with torch.no_grad():
