@@ -12,6 +12,8 @@ second half) as in kernels/permutation.py.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from kernels.multiply import butterfly_multiply
@@ -68,10 +70,16 @@ class _BPLevel(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 gp = [_rdot(c2 - c1, tt, 3)]
         w1, w2 = ((1 - p0) * tt).conj(), (p0 * tt).conj()
-        ga = torch.addcmul(g1[..., 0, :, :, :] * w1[..., 0, :, :, None],
-                           g1[..., 1, :, :, :], w1[..., 1, :, :, None])  # (r, h, j)
-        gai = torch.addcmul(g2[..., 0, :, :, :] * w2[..., 0, :, None, :],
-                            g2[..., 1, :, :, :], w2[..., 1, :, None, :])  # (r, i, b)
+        ga = torch.addcmul(
+            g1[..., 0, :, :, :] * w1[..., 0, :, :, None],
+            g1[..., 1, :, :, :],
+            w1[..., 1, :, :, None],
+        )  # (r, h, j)
+        gai = torch.addcmul(
+            g2[..., 0, :, :, :] * w2[..., 0, :, None, :],
+            g2[..., 1, :, :, :],
+            w2[..., 1, :, None, :],
+        )  # (r, i, b)
         ga += gai.transpose(-1, -2)
         u, v = ga[..., 0, :], ga[..., 1, :]
         p1, p2 = pc[..., 1, None, None], pc[..., 2, None, None]
@@ -113,6 +121,71 @@ def _level_probs(probs: torch.Tensor, level: int) -> torch.Tensor:
     return probs[..., level if probs.shape[-2] > 1 else 0, :]
 
 
+# Up to this n the matrix is built from dense pieces: B as a product of gathered twiddle
+# entries and P as a chain of n x n level matrices (few large ops instead of many small ones).
+SMALL_N = 64
+
+
+@lru_cache(maxsize=16)
+def _twiddle_index(n: int) -> torch.Tensor:
+    """(m, n, n): B[i, j] = prod_l tw.flatten()[idx[l, i, j]] for a tied twiddle (n-1, 2, 2).
+
+    Level l maps bit l of j to bit l of i, inside the block that i's lower l bits select.
+    """
+    m = log2_exact(n)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    return torch.stack(
+        [
+            4 * ((1 << lv) - 1 + i % (1 << lv)) + 2 * ((i >> lv) & 1) + ((j >> lv) & 1)
+            for lv in range(m)
+        ]
+    )
+
+
+def dense_butterfly(twiddle: torch.Tensor) -> torch.Tensor:
+    """B (..., n, n) of a tied twiddle (..., n-1, 2, 2) as a product of gathered entries."""
+    n = twiddle.shape[-3] + 1
+    return twiddle.flatten(-3)[..., _twiddle_index(n)].prod(dim=-3)
+
+
+@lru_cache(maxsize=32)
+def _level_basis(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """(m-1, 8, n, n): level l's I (x) Q_k (k = n >> l) is sum_c w_c basis[l, c], with
+    w = [1 - p1, p1, 1 - p2, p2] (x) [1 - p0, p0] (R's four parts times E's two)."""
+    out = []
+    for level in range(log2_exact(n) - 1):
+        k = n >> level
+        h = k // 2
+        eye, rev = torch.eye(h), torch.eye(h).flip(-1)
+        zero = torch.zeros(h, h)
+        parts = [
+            torch.block_diag(eye, zero),
+            torch.block_diag(rev, zero),
+            torch.block_diag(zero, eye),
+            torch.block_diag(zero, rev),
+        ]
+        evenodd = torch.eye(k)[torch.cat([torch.arange(0, k, 2), torch.arange(1, k, 2)])]
+        mats = [r @ e for r in parts for e in (torch.eye(k), evenodd)]
+        out.append(torch.stack([torch.kron(torch.eye(n // k), q) for q in mats]))
+    return torch.stack(out).to(dtype)
+
+
+def dense_permutation(probs: torch.Tensor, n: int, top_only: bool = False) -> torch.Tensor:
+    """The relaxed permutation's matrix P (..., n, n) (P x = permute(x, probs)), real."""
+    levels = 1 if top_only else log2_exact(n) - 1
+    p0, p1, p2 = probs.unbind(-1)
+    r = torch.stack([1 - p1, p1, 1 - p2, p2], dim=-1)
+    e = torch.stack([1 - p0, p0], dim=-1)
+    w = (r.unsqueeze(-1) * e.unsqueeze(-2)).flatten(-2)  # (..., levels or 1, 8)
+    mats = torch.einsum("...lc,lcij->...lij", w, _level_basis(n, probs.dtype)[:levels])
+    if mats.shape[-3] == 1 and levels > 1:
+        mats = mats.expand(*mats.shape[:-3], levels, n, n)
+    out = mats[..., levels - 1, :, :]  # P = L_{m-2} ... L_0: level 0 (size n) acts first
+    for level in range(levels - 2, -1, -1):
+        out = out @ mats[..., level, :, :]
+    return out
+
+
 def tied_bp_matrix(twiddle: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
     """The matrix of B P: twiddle (..., n-1, 2, 2) tied, probs (..., levels or 1, 3) or None.
 
@@ -120,8 +193,15 @@ def tied_bp_matrix(twiddle: torch.Tensor, probs: torch.Tensor | None) -> torch.T
     """
     n = twiddle.shape[-3] + 1
     m = log2_exact(n)
-    mat = twiddle[..., 0, :, :]  # BF_2
-    for level in range(1, m):
+    if n <= SMALL_N:
+        mat = dense_butterfly(twiddle)
+        if probs is None or n < 4:  # no permutation levels below size 4
+            return mat
+        return mat @ dense_permutation(probs, n).to(mat.dtype)
+    mb = log2_exact(SMALL_N) if SMALL_N >= 2 else 1
+    sub = None if probs is None else (probs[..., m - mb :, :] if probs.shape[-2] > 1 else probs)
+    mat = tied_bp_matrix(twiddle[..., : (1 << mb) - 1, :, :], sub)  # M_b, b = SMALL_N
+    for level in range(mb, m):
         s = 1 << level  # the new factor has size 2s
         p = None if probs is None else _level_probs(probs, m - level - 1)
         mat = bp_level(mat, twiddle[..., s - 1 : 2 * s - 1, :, :], p)
@@ -153,8 +233,11 @@ class _ColumnLevel(torch.autograd.Function):
         gp = None
         if ctx.needs_input_grad[1]:
             gp0 = _rdot(gz, ai, 3) - _rdot(gz, a.view(ai.shape), 3)
-            gp12 = (ga.conj() * dx).real.sum(dim=(-3, -1)) if ga.is_complex() else (
-                (ga * dx).sum(dim=(-3, -1)))
+            gp12 = (
+                (ga.conj() * dx).real.sum(dim=(-3, -1))
+                if ga.is_complex()
+                else ((ga * dx).sum(dim=(-3, -1)))
+            )
             gp = torch.cat([gp0.unsqueeze(-1), gp12], dim=-1).to(p.dtype)
         return gx, gp
 
@@ -170,6 +253,8 @@ def permute_columns(x: torch.Tensor, probs: torch.Tensor, top_only: bool = False
     """x P for x (..., rows, n) and a relaxed permutation's probs (..., levels or 1, 3)."""
     n = x.shape[-1]
     m = log2_exact(n)
+    if n <= SMALL_N:
+        return x @ dense_permutation(probs, n, top_only).to(x.dtype)
     levels = [0] if top_only else range(m - 2, -1, -1)  # A P applies Q_4 first, Q_n last
     for level in levels:
         x = column_level(x, _level_probs(probs, level), n >> level)

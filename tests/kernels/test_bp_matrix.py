@@ -31,11 +31,39 @@ def _grads(stack: ButterflyStack, mat: torch.Tensor, r: torch.Tensor) -> list[to
     return list(torch.autograd.grad(loss, params))
 
 
-@pytest.fixture(params=["fused", "composite"])
+@pytest.fixture(params=["small", "fused", "composite"])
 def level_path(request, monkeypatch) -> str:
-    """Force every relaxed BP level through the autograd Function or the plain-ops variant."""
-    monkeypatch.setattr(bp_matrix, "FUSED_MIN_ENTRIES", 0 if request.param == "fused" else 1 << 60)
+    """Force the dense small-n pieces, or every relaxed BP level through the autograd Function
+    or through the plain-ops variant."""
+    small, fused = {"small": (1 << 20, 0), "fused": (2, 0), "composite": (2, 1 << 60)}[
+        request.param
+    ]
+    monkeypatch.setattr(bp_matrix, "SMALL_N", small)
+    monkeypatch.setattr(bp_matrix, "FUSED_MIN_ENTRIES", fused)
     return request.param
+
+
+def test_butterfly_and_permutation_match_the_oracle(level_path) -> None:
+    """B of a tied twiddle against kernels/reference.py; P against kernels/permutation.py."""
+    from kernels.permutation import permute
+    from kernels.reference import butterfly_dense
+
+    g = _gen()
+    for n in (2, 4, 16, 32):
+        tw = torch.randn(n - 1, 2, 2, dtype=torch.complex128, generator=g)
+        want = butterfly_dense(tw.unsqueeze(0))
+        torch.testing.assert_close(bp_matrix.tied_bp_matrix(tw, None), want)
+        if n >= 4:
+            probs = torch.rand(log2(n) - 1, 3, dtype=torch.float64, generator=g)
+            eye = torch.eye(n, dtype=torch.float64)
+            torch.testing.assert_close(bp_matrix.dense_permutation(probs, n), permute(eye, probs).T)
+            torch.testing.assert_close(
+                bp_matrix.tied_bp_matrix(tw, probs), want @ permute(eye, probs).T.to(want.dtype)
+            )
+
+
+def log2(n: int) -> int:
+    return n.bit_length() - 1
 
 
 @pytest.mark.parametrize("push", [False, True], ids=["dense", "push"])
@@ -136,8 +164,12 @@ def _plain_recursion(twiddle: torch.Tensor, probs: torch.Tensor) -> torch.Tensor
     return mat
 
 
-MODEL_CASES = [("bp", "one", True), ("bpp", "one", False), ("bpp", "per_level", True),
-               ("bpbp", "one", False)]
+MODEL_CASES = [
+    ("bp", "one", True),
+    ("bpp", "one", False),
+    ("bpp", "per_level", True),
+    ("bpbp", "one", False),
+]
 
 
 @pytest.mark.parametrize("model,extra_perm,share", MODEL_CASES)
@@ -200,8 +232,13 @@ def test_batched_values_and_gradients_are_per_trial(
     target = target.real if model == "bpp" else target
     mats = batched.matrix()
     loss = (mats - target).abs().square().mean(dim=(-2, -1)).sum()
-    grads = dict(zip(batched.state_dict(keep_vars=True), torch.autograd.grad(
-        loss, [p for p in batched.parameters() if p.requires_grad]), strict=False))
+    grads = dict(
+        zip(
+            batched.state_dict(keep_vars=True),
+            torch.autograd.grad(loss, [p for p in batched.parameters() if p.requires_grad]),
+            strict=False,
+        )
+    )
     names = [k for k, v in batched.state_dict(keep_vars=True).items() if v.requires_grad]
     grads = dict(zip(names, grads.values(), strict=True))
     for t in range(3):
