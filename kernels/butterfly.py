@@ -125,19 +125,21 @@ class Butterfly(nn.Module):
             x = x.reshape(-1, shape[-1])
         if shape[-1] != self.in_features:
             raise ValueError(f"expected last dim {self.in_features}, got {shape[-1]}")
+        bias = self.bias
+        if bias is not None and self.complex:
+            bias = torch.view_as_complex(bias)
         if self.n == 1:
             y = x * self.twiddle_tensor()[..., 0, 0].prod()
+            y = y if bias is None else y + bias
         else:
             if self.in_features < self.n:
                 x = nn.functional.pad(x, (0, self.n - self.in_features))
             cache = None if self.training else self._cpu_plan()
-            y = butterfly_multiply(self.twiddle_tensor(), x, self.increasing_stride, cache=cache)
+            tw = self.twiddle_tensor()
+            # the bias rides along: the real row loop adds it in the same call
+            y = butterfly_multiply(tw, x, self.increasing_stride, cache=cache, bias=bias)
         if self.out_features < y.shape[1]:
             y = y[:, : self.out_features]
-        if self.bias is not None:
-            bias = torch.view_as_complex(self.bias) if self.complex else self.bias
-            # y is a fresh tensor: without autograd, add in place (one allocation less)
-            y = y + bias if torch.is_grad_enabled() else y.add_(bias)
         return y if len(shape) == 2 else y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -46,17 +46,24 @@ class PlanCache:
         self._plan: CPUButterfly | ComplexRowPlan | None = None
 
     def lookup(
-        self, twiddle: torch.Tensor, x: torch.Tensor, increasing: bool
+        self,
+        twiddle: torch.Tensor,
+        x: torch.Tensor,
+        increasing: bool,
+        bias: torch.Tensor | None = None,
     ) -> CPUButterfly | ComplexRowPlan | None:
         """The row-loop plan for this call, built at most once per key; None off that path."""
         grad = torch.is_grad_enabled() and (twiddle.requires_grad or x.requires_grad)
         small = x.dim() == 2 and x.shape[0] <= COMPLEX_ROWS_MAX_BATCH
         t = twiddle
         key = (t.data_ptr(), t._version, t.dtype, x.dtype, x.device, increasing, grad, small)
+        # a bias to train (grad mode on, bias.requires_grad) is never fused: key both
+        if bias is not None:
+            key += (bias.data_ptr(), bias._version, _bias_grad(bias))
         if key != self._key:
             plan = None
-            if route(twiddle, x) == "cpu-rows":
-                plan = _row_plan(twiddle, x, increasing)
+            if route(twiddle, x) == "cpu-rows" and not _bias_grad(bias):
+                plan = _row_plan(twiddle, x, increasing, bias)
             self._key, self._plan = key, plan
         return self._plan
 
@@ -65,11 +72,23 @@ class PlanCache:
 
 
 def _row_plan(
-    twiddle: torch.Tensor, x: torch.Tensor, increasing: bool
+    twiddle: torch.Tensor, x: torch.Tensor, increasing: bool, bias: torch.Tensor | None
 ) -> CPUButterfly | ComplexRowPlan:
+    """The row loop for this call; a real one adds a real bias itself (fused)."""
     if x.is_complex() or twiddle.is_complex():
         return ComplexRowPlan(twiddle.to(x.dtype) if x.is_complex() else twiddle, increasing)
-    return CPUButterfly(twiddle.detach(), increasing, dtype=x.dtype)
+    return CPUButterfly(twiddle.detach(), increasing, dtype=x.dtype, bias=bias)
+
+
+def _bias_grad(bias: torch.Tensor | None) -> bool:
+    return bias is not None and bias.requires_grad and torch.is_grad_enabled()
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """y with bias added to its first len(bias) columns (in place without autograd)."""
+    if bias.shape[0] < y.shape[1]:
+        bias = torch.nn.functional.pad(bias, (0, y.shape[1] - bias.shape[0]))
+    return y + bias if torch.is_grad_enabled() else y.add_(bias)
 
 
 def _needs_grad(twiddle: torch.Tensor, x: torch.Tensor) -> bool:
@@ -99,25 +118,35 @@ def butterfly_multiply(
     increasing_stride: bool = True,
     *,
     cache: PlanCache | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = B x for x (batch, n).
+    """y = B x (+ bias on the first len(bias) columns) for x (batch, n).
 
     twiddle: tied (nblocks, n-1, 2, 2) or untied (nblocks, m, n/2, 2, 2), real or complex.
     cache: where the row loop keeps its packed twiddle between calls (Butterfly passes one).
+    bias: (k,) with k <= n; the real row loop adds it in its own call (one op less at batch 1).
     """
     if cache is not None:
-        plan = cache.lookup(twiddle, x, increasing_stride)
+        plan = cache.lookup(twiddle, x, increasing_stride, bias)
         if plan is not None:
-            return plan(x)
+            y = plan(x)
+            fused = isinstance(plan, CPUButterfly)
+            return y if bias is None or fused else _add_bias(y, bias)
     path = route(twiddle, x)
+    if path == "cpu-rows":
+        fuse = bias is not None and not _bias_grad(bias)  # a bias to train is added by torch
+        plan = _row_plan(twiddle, x, increasing_stride, bias if fuse else None)
+        y = plan(x)
+        fused = fuse and isinstance(plan, CPUButterfly)
+        return y if bias is None or fused else _add_bias(y, bias)
     if path == "triton":
         # imported lazily: Triton decides at import whether to interpret its kernels, and
         # CPU-only callers should not pay for importing it
         from kernels.triton import butterfly_multiply_triton
 
-        return butterfly_multiply_triton(twiddle, x, increasing_stride)
-    if path == "cpu-rows":
-        return _row_plan(twiddle, x, increasing_stride)(x)
-    if path == "cpu-tiled":
-        return butterfly_multiply_tiled(twiddle, x, increasing_stride)
-    return butterfly_multiply_reference(twiddle, x, increasing_stride)
+        y = butterfly_multiply_triton(twiddle, x, increasing_stride)
+    elif path == "cpu-tiled":
+        y = butterfly_multiply_tiled(twiddle, x, increasing_stride)
+    else:
+        y = butterfly_multiply_reference(twiddle, x, increasing_stride)
+    return y if bias is None else _add_bias(y, bias)

@@ -79,6 +79,7 @@ class CPUButterfly:
     The twiddle is prepacked at construction (a snapshot: later edits of `twiddle` are not
     seen) and the kernel chosen once, so each call costs one ctypes call plus an output
     allocation (none if `out` is passed). Forward only: a call whose x needs a gradient raises.
+    bias (k <= n entries, a snapshot too) is added to the first k outputs in the same call.
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class CPUButterfly:
         *,
         dtype: torch.dtype | None = None,
         impl: str | None = None,
+        bias: torch.Tensor | None = None,
     ) -> None:
         self.tied, self.nblocks, self.n, self.m = twiddle_geometry(twiddle)
         self.dtype = dtype or twiddle.dtype
@@ -104,9 +106,16 @@ class CPUButterfly:
         # them once; the lock keeps two threads from interleaving their writes to the array
         # (ctypes releases the GIL during the call)
         perm_ptr = 0 if self._perm is None else self._perm.data_ptr()
+        self._bias = None
+        if bias is not None:
+            if bias.dim() != 1 or bias.shape[0] > self.n or bias.is_complex():
+                raise ValueError(f"bias must be real with at most {self.n} entries")
+            self._bias = bias.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        bias_ptr = 0 if self._bias is None else self._bias.data_ptr()
+        nbias = 0 if self._bias is None else self._bias.shape[0]
         self._args = BFLY_ARGV(
             0, 0, 0, perm_ptr, 0, 0, self.n, self._packed.data_ptr(), self.nblocks,
-            self.tied, increasing_stride,
+            self.tied, increasing_stride, bias_ptr, nbias,
         )  # fmt: skip
         self._lock = threading.Lock()
         self._steps = None if self._fn is not None else self._level_views()
@@ -175,6 +184,8 @@ class CPUButterfly:
             t = top.clone()  # the one temporary: top is overwritten before bot reads it
             top.mul_(d1).addcmul_(bot, d2)
             bot.mul_(d4).addcmul_(t, d3)
+        if self._bias is not None:
+            out[:, : self._bias.shape[0]] += self._bias
 
 
 def _check_perm(perm: torch.Tensor, n: int) -> torch.Tensor:

@@ -50,7 +50,8 @@ _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # bfly_*(src, ss0, ss1, perm, out, batch, n, tw, nblocks, tied, increasing)
 _BFLY_ARGS = [_P, _I64, _I64, _P, _P, _I64, _I64, _P, _I64, _INT, _INT]
 _FWHT_ARGS = [_P, _I64, _I64]  # fwht_*(x, batch, n)
-BFLY_ARGV = ctypes.c_int64 * len(_BFLY_ARGS)  # bfly_*_argv: the same arguments in one array
+# bfly_*_argv: the same arguments in one array, then a bias pointer (or 0) and its length
+BFLY_ARGV = ctypes.c_int64 * (len(_BFLY_ARGS) + 2)
 
 
 class BuildError(RuntimeError):

@@ -29,7 +29,7 @@ from kernels.cpu.csource_crows import CROWS_BODY
 from kernels.cpu.csource_mix import MIX_BODY
 from kernels.cpu.csource_tiled import TILED_BODY
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 _HEADER = r"""
 #include <stdint.h>
@@ -135,12 +135,17 @@ void bfly_SFX(const real_t *src, int64_t ss0, int64_t ss1, const int64_t *perm, 
 
 /* The same call with its eleven arguments in one int64 array (pointers as integers): ctypes
    converts each argument of a call separately, so one argument instead of eleven is most of the
-   per-call overhead at small n. */
+   per-call overhead at small n. a[11], a[12]: a bias (NULL: none) added to the first a[12]
+   entries of every output row (a layer's bias, fused to save a call at batch 1). */
 void bfly_SFX_argv(const int64_t *a)
 {
+    real_t *out = (real_t *)(intptr_t)a[4];
+    const real_t *bias = (const real_t *)(intptr_t)a[11];
     bfly_SFX((const real_t *)(intptr_t)a[0], a[1], a[2], (const int64_t *)(intptr_t)a[3],
-             (real_t *)(intptr_t)a[4], a[5], a[6], (const real_t *)(intptr_t)a[7], a[8],
-             (int)a[9], (int)a[10]);
+             out, a[5], a[6], (const real_t *)(intptr_t)a[7], a[8], (int)a[9], (int)a[10]);
+    if (bias)
+        for (int64_t r = 0; r < a[5]; r++)
+            for (int64_t i = 0; i < a[12]; i++) out[r * a[6] + i] += bias[i];
 }
 
 INLINE void fwht_body_SFX(real_t *RESTRICT x, int64_t n, int64_t s)

@@ -15,7 +15,7 @@ import torch
 
 import kernels.cpu.tiled as tiled
 from kernels import Butterfly
-from kernels.cpu import compiled
+from kernels.cpu import CPUButterfly, compiled
 from kernels.cpu.complex_rows import ComplexRowPlan
 from kernels.multiply import butterfly_multiply, route
 from kernels.reference import butterfly_multiply_reference, log2_exact
@@ -257,3 +257,26 @@ def test_complex_row_loop_matches_the_oracle(dtype: torch.dtype, gen: torch.Gene
                         assert err <= 4 * ref_err + (1e-6 if dtype == torch.complex64 else 1e-13), (
                             f"{what}: {err:.3g} vs {ref_err:.3g}"
                         )
+
+
+@pytest.mark.parametrize("impl", ["c", "torch"])
+def test_fused_bias_in_the_row_loop(impl: str, gen: torch.Generator) -> None:
+    """CPUButterfly(bias=...) adds the bias to the first k outputs in its own call; an eval
+    Butterfly with in, out < n gives what training mode gives, in float64."""
+    tw = random_twiddle(2, 32, True, torch.float64, gen)
+    bias = torch.randn(20, dtype=torch.float64, generator=gen)
+    x = random_x(3, 32, torch.float64, gen, 1)
+    y = CPUButterfly(tw, bias=bias, impl=impl)(x)
+    expected = butterfly_multiply_reference(tw, x)
+    expected[:, :20] += bias
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    layer = Butterfly(27, 21, tied=False, nblocks=2, generator=gen).double()
+    x = torch.randn(4, 27, dtype=torch.float64, generator=gen)
+    want = layer(x).detach()
+    with torch.inference_mode():
+        got = layer.eval()(x)
+        assert layer._cpu_plan()._plan is not None  # the row loop ran, bias fused
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        layer.bias.add_(1.0)  # a new version: the plan (and its bias snapshot) is rebuilt
+        torch.testing.assert_close(layer(x), want + 1.0, rtol=1e-12, atol=1e-12)
