@@ -233,11 +233,10 @@ class _ColumnLevel(torch.autograd.Function):
         gp = None
         if ctx.needs_input_grad[1]:
             gp0 = _rdot(gz, ai, 3) - _rdot(gz, a.view(ai.shape), 3)
-            gp12 = (
-                (ga.conj() * dx).real.sum(dim=(-3, -1))
-                if ga.is_complex()
-                else ((ga * dx).sum(dim=(-3, -1)))
+            gr, dr = (
+                (torch.view_as_real(ga), torch.view_as_real(dx)) if ga.is_complex() else (ga, dx)
             )
+            gp12 = (gr * dr).sum(dim=(-3, -1) if not ga.is_complex() else (-4, -2, -1))
             gp = torch.cat([gp0.unsqueeze(-1), gp12], dim=-1).to(p.dtype)
         return gx, gp
 
