@@ -142,7 +142,7 @@ def build(
     values = {}
     for name, f in fields.items():
         if name not in data:
-            if f.default is not dataclasses.MISSING:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
                 continue
             raise ParamsError(f"missing key '{path(name)}'")
         values[name] = _check(data[name], hints[name], path(name))

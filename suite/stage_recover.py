@@ -57,7 +57,11 @@ def code_digest() -> str:
 
 def _cell_key(p: Any, name: str, n: int, model: str, code: str) -> str:
     blob = json.dumps(
-        {"search": asdict(p.search), "baselines": p.baselines, "cell": [name, n, model]},
+        {
+            "search": asdict(p.search_for(name, n)),
+            "baselines": p.baselines,
+            "cell": [name, n, model],
+        },
         sort_keys=True,
     )
     return hashlib.sha256(f"{blob}/{code}".encode()).hexdigest()[:16]
@@ -132,7 +136,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     tags = environment.run_tags(fp, "recover", profile)
     run_name = f"{args.name}-{profile}{'-only' if args.only else ''}-{fp['commit'][:8]}"
     grid = cells(p)
-    progress = Progress([p.search.seconds_for(n) for _, n, _ in grid])
+    progress = Progress([p.search_for(t, n).seconds_for(n) for t, n, _ in grid])
     _log(f"[recover] profile={profile} {len(grid)} cells tracking={uri} kept={kept}")
     rows: list[dict[str, Any]] = []
     t0 = time.time()

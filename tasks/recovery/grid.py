@@ -67,9 +67,8 @@ def recover_cell(
 ) -> list[CellRecord]:
     """The learned row of one cell, then its closed-form rows."""
     target = target_matrix(name, n)
-    res, fitted = learn_cell(
-        target, name, model, params.search, work_dir, params.storage, log, pool
-    )
+    sp = params.search_for(name, n)
+    res, fitted = learn_cell(target, name, model, sp, work_dir, params.storage, log, pool)
     value = res.rmse
     if fitted is not None:
         with torch.no_grad():

@@ -6,7 +6,7 @@ that differs from them is a row of the README's deviations table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from kernels.butterfly import EXTRA_PERMS, MODELS
 from tasks.targets import TARGETS
@@ -99,8 +99,18 @@ class SearchParams:
             raise FieldError("cell_seconds", "cell_seconds must be > 0 for every n")
         if not self.share_logits:
             raise FieldError("share_logits", "share_logits needs at least one choice")
+        if len(set(self.share_logits)) > 1 and any(b > 1 for b in self.batch.values()):
+            raise FieldError("batch", "vectorised trials (batch > 1) need one share_logits choice")
         if not self.inits or any(i not in ("randn", "ortho") for i in self.inits):
             raise FieldError("inits", f"inits must be among randn, ortho, got {self.inits}")
+
+    @classmethod
+    def from_json(cls, data: dict) -> SearchParams:
+        """Rebuild from `asdict` after a JSON round trip (which turns int keys into strings)."""
+        sized = {
+            k: {int(n): v for n, v in data[k].items()} for k in ("trials", "cell_seconds", "batch")
+        }
+        return cls(**{**data, **sized})
 
     def trials_for(self, n: int) -> int:
         if n not in self.trials:
@@ -126,6 +136,7 @@ class RecoverParams:
     baselines: list[str]
     search: SearchParams
     storage: str | None = None  # Optuna storage URL; None = a journal file in the work dir
+    target_budget: dict[str, float] = field(default_factory=dict)  # target -> x trials and cap
 
     def validate(self) -> None:
         from tasks.recovery.baselines import BASELINES
@@ -151,9 +162,24 @@ class RecoverParams:
                     self.search.trials_for(n), self.search.seconds_for(n)
                 except FieldError as exc:
                     raise FieldError(f"search.{exc.field}", str(exc)) from None
+        for t, scale in self.target_budget.items():
+            if t not in self.models or not scale > 0:
+                raise FieldError(f"target_budget.{t}", "needs a known target and a factor > 0")
         bad = sorted(set(self.baselines) - set(BASELINES))
         if bad:
             raise FieldError("baselines", f"unknown '{bad[0]}' (known: {', '.join(BASELINES)})")
+
+    def search_for(self, target: str, n: int) -> SearchParams:
+        """The search of one cell: the profile's, with trials and cap scaled for the target."""
+        scale = self.target_budget.get(target, 1.0)
+        if scale == 1.0:
+            return self.search
+        sp = self.search
+        return replace(
+            sp,
+            trials={**sp.trials, n: max(1, round(sp.trials_for(n) * scale))},
+            cell_seconds={**sp.cell_seconds, n: sp.seconds_for(n) * scale},
+        )
 
     def restricted(self, cells: list[tuple[str, int]]) -> RecoverParams:
         """The same params on a sub-grid of (target, n) cells; any size with a budget is allowed."""

@@ -130,12 +130,24 @@ def _suggest(trial: optuna.Trial, sp: SearchParams) -> TrialSpec:
     )
 
 
+@dataclass
+class _Slot:
+    """A running trial of a worker's group."""
+
+    trial: optuna.Trial
+    spec: TrialSpec
+    t0: float
+    epoch: int = 0
+    best: float = math.inf
+    state: dict | None = None
+
+
 class _Worker:
     """One process's share of a cell: groups of trials until the plan, the clock or a solve."""
 
     def __init__(self, study: optuna.Study, target: torch.Tensor):
         self.study, self.a = study, study.user_attrs
-        self.sp = SearchParams(**self.a["search"])
+        self.sp = SearchParams.from_json(self.a["search"])
         self.target = target.to(working_dtype(target))
         self.n, self.model = self.a["n"], self.a["model"]
         self.trial_dir = Path(self.a["trial_dir"])
@@ -157,73 +169,68 @@ class _Worker:
         return out
 
     def run(self) -> None:
-        while time.time() < self.a["deadline"] and not self.solved():
-            taken = self.take(self.sp.batch_for(self.n))
-            if not taken:
+        """Keep a batch of `batch_for(n)` trials training; a trial that ends frees its slot for
+        the next trial of the plan at the next epoch boundary."""
+        sp, size = self.sp, self.sp.batch_for(self.n)
+        group: TrialGroup | None = None
+        slots: list[_Slot] = []
+        exhausted = False
+        while True:
+            if time.time() > self.a["deadline"] or self.solved():
+                for slot in slots:
+                    self._finish(slot, pruned=False)
                 return
-            groups: dict[tuple[bool, str], list[tuple[optuna.Trial, TrialSpec]]] = {}
-            for t, s in taken:
-                groups.setdefault((s.share_logits, s.init), []).append((t, s))
-            for members in groups.values():
-                self._run_group(members)
-
-    def _run_group(self, members: list[tuple[optuna.Trial, TrialSpec]]) -> None:
-        sp, t0 = self.sp, time.time()
-        group = TrialGroup([s for _, s in members], self.n, self.model, self.target, sp)
-        trials = [t for t, _ in members]
-        best = [math.inf] * len(trials)
-        state: list[dict | None] = [None] * len(trials)
-        for epoch in range(1, sp.max_epochs + 1):
+            taken = [] if exhausted else self.take(size - len(slots))
+            exhausted |= len(taken) < size - len(slots)
+            if group is None:
+                if not taken:
+                    return
+                specs = [s for _, s in taken]
+                group = TrialGroup(specs, self.n, self.model, self.target, sp, size > 1)
+            elif taken:
+                group.regroup(list(range(len(slots))), [s for _, s in taken])
+            slots += [_Slot(t, s, time.time()) for t, s in taken]
+            if not slots:
+                return
             values = group.epoch()
-            steps = epoch * sp.epoch_steps
-            due = epoch % sp.polish_every == 0 or epoch == sp.max_epochs
-            outcome: dict[int, bool] = {}  # trial index -> pruned?
-            for i, (trial, value) in enumerate(zip(trials, values, strict=True)):
-                if value < best[i]:
-                    best[i], state[i] = value, group.trial(i).state_dict()
+            outcome: dict[int, bool] = {}  # slot index -> pruned?
+            for i, (slot, value) in enumerate(zip(slots, values, strict=True)):
+                slot.epoch += 1
+                if value < slot.best:
+                    slot.best, slot.state = value, group.trial(i).state_dict()
+                due = slot.epoch % sp.polish_every == 0 or slot.epoch == sp.max_epochs
                 if (due and value < sp.polish_below) or value < sp.threshold_mse:
                     polished, pvalue = polish(group.trial(i), self.target, self.lbfgs, sp.loss)
-                    if pvalue < best[i]:
-                        best[i], state[i] = pvalue, polished.state_dict()
-                trial.report(min(math.log10(max(best[i], 1e-30)), DIVERGED), epoch)
-                if best[i] <= sp.threshold_mse:
-                    self.study.set_user_attr("solved_by", trial.number)
+                    if pvalue < slot.best:
+                        slot.best, slot.state = pvalue, polished.state_dict()
+                report = min(math.log10(max(slot.best, 1e-30)), DIVERGED)
+                slot.trial.report(report, slot.epoch)
+                if slot.best <= sp.threshold_mse:
+                    self.study.set_user_attr("solved_by", slot.trial.number)
                     outcome[i] = False
-                elif not math.isfinite(value) and not math.isfinite(best[i]):
-                    outcome[i] = False  # diverged: nothing to gain from more epochs
-                elif trial.should_prune():
+                elif slot.epoch == sp.max_epochs or not math.isfinite(slot.best):
+                    outcome[i] = False  # done, or diverged with nothing to gain from more epochs
+                elif slot.trial.should_prune():
                     outcome[i] = True
-            stop = epoch == sp.max_epochs or time.time() > self.a["deadline"] or self.solved()
-            for i, trial in enumerate(trials):
-                if stop or i in outcome:
-                    self._finish(trial, state[i], best[i], steps, t0, outcome.get(i, False))
-            keep = [] if stop else [i for i in range(len(trials)) if i not in outcome]
-            if not keep:
-                return
-            group.keep(keep)
-            trials = [trials[i] for i in keep]
-            best = [best[i] for i in keep]
-            state = [state[i] for i in keep]
+            for i, pruned in outcome.items():
+                self._finish(slots[i], pruned)
+            if outcome:
+                keep = [i for i in range(len(slots)) if i not in outcome]
+                group.keep(keep)
+                slots = [slots[i] for i in keep]
 
-    def _finish(
-        self,
-        trial: optuna.Trial,
-        state: dict | None,
-        best: float,
-        steps: int,
-        t0: float,
-        pruned: bool,
-    ) -> None:
-        trial.set_user_attr("steps", steps)
-        trial.set_user_attr("seconds", time.time() - t0)
-        if state is not None:
+    def _finish(self, slot: _Slot, pruned: bool) -> None:
+        trial = slot.trial
+        trial.set_user_attr("steps", slot.epoch * self.sp.epoch_steps)
+        trial.set_user_attr("seconds", time.time() - slot.t0)
+        if slot.state is not None:
             path = self.trial_dir / f"trial-{trial.number:05d}.pt"
-            torch.save({"state_dict": state, "hp": trial.params}, path)
+            torch.save({"state_dict": slot.state, "hp": slot.spec.hp}, path)
             trial.set_user_attr("state", str(path))
         if pruned:
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
-            self.study.tell(trial, finite(best))
+            self.study.tell(trial, finite(slot.best))
 
 
 def run_worker(
@@ -240,7 +247,7 @@ def run_worker(
     attrs = optuna.load_study(study_name=study_name, storage=storage).user_attrs
     if target is None:
         target = target_matrix(attrs["target"], attrs["n"])
-    sp = SearchParams(**attrs["search"])
+    sp = SearchParams.from_json(attrs["search"])
     study = optuna.load_study(
         study_name=study_name,
         storage=storage,

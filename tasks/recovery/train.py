@@ -113,7 +113,8 @@ def polish(
 class BatchedAdam:
     """torch.optim.Adam (default betas and eps) over parameters whose leading dim is the trial.
 
-    lr: (trials,), one learning rate per trial; batched=False for an unbatched model (lr (1,)).
+    Each trial has its own learning rate and its own step count (bias correction), so trials
+    can join and leave a running group. batched=False: an unbatched model, one trial.
     """
 
     def __init__(
@@ -124,8 +125,9 @@ class BatchedAdam:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ):
-        self.params, self.lr, self.batched = params, lr, batched
-        self.betas, self.eps, self.t = betas, eps, 0
+        self.params, self.lr, self.batched = params, lr.double(), batched
+        self.betas, self.eps = betas, eps
+        self.t = torch.zeros_like(self.lr)
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
 
@@ -133,31 +135,38 @@ class BatchedAdam:
         for p in self.params:
             p.grad = None
 
-    def _lr(self, p: torch.Tensor) -> torch.Tensor:
-        if not self.batched:
-            return self.lr.reshape(())
-        return self.lr.reshape(-1, *([1] * (p.dim() - 1)))
+    def _per_trial(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        x = x.to(p.real.dtype if p.is_complex() else p.dtype)
+        return x.reshape(()) if not self.batched else x.reshape(-1, *([1] * (p.dim() - 1)))
 
     @torch.no_grad()
     def step(self) -> None:
         b1, b2 = self.betas
         self.t += 1
-        c1, c2 = 1 - b1**self.t, math.sqrt(1 - b2**self.t)
+        c1 = 1 - b1**self.t
+        c2 = (1 - b2**self.t).sqrt()
         for p, m, v in zip(self.params, self.m, self.v, strict=True):
             if p.grad is None or not p.requires_grad:
                 continue
             g = p.grad
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / c2).add_(self.eps)
-            p.sub_(self._lr(p).to(p.dtype) / c1 * m / denom)
+            denom = (v.sqrt() / self._per_trial(c2, p)).add_(self.eps)
+            p.sub_(self._per_trial(self.lr / c1, p) * m / denom)
 
-    def select(self, params: list[torch.Tensor], idx: torch.Tensor) -> None:
-        """Keep the state of trials idx, now owned by `params` (the narrowed model's)."""
+    def regroup(self, params: list[torch.Tensor], keep: torch.Tensor, new_lr: torch.Tensor) -> None:
+        """Keep the state of trials `keep`, append fresh trials with `new_lr`; `params` are the
+        regrouped model's (kept trials first, in order)."""
+        fresh = len(new_lr)
         self.params = params
-        self.lr = self.lr[idx]
-        self.m = [m[idx] for m in self.m]
-        self.v = [v[idx] for v in self.v]
+        self.lr = torch.cat([self.lr[keep], new_lr.double()])
+        self.t = torch.cat([self.t[keep], torch.zeros(fresh, dtype=self.t.dtype)])
+
+        def grow(old: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+            return torch.cat([old[keep], torch.zeros_like(p[len(keep) :])])
+
+        self.m = [grow(m, p) for m, p in zip(self.m, params, strict=True)]
+        self.v = [grow(v, p) for v, p in zip(self.v, params, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -183,19 +192,50 @@ class TrialSpec:
 def build_stack(
     n: int, model: str, real: bool, specs: list[TrialSpec], extra_perm: str, batched: bool
 ) -> ButterflyStack:
-    """The model of these trials (same share_logits and init): batched has a leading trial dim."""
+    """The model of these trials (same share_logits): batched has a leading trial dim.
+
+    Trial t of a batched stack holds exactly the parameters an unbatched stack of spec t
+    would start from (its init, its seed), so grouping never changes a trial.
+    """
+
+    def one(spec: TrialSpec) -> ButterflyStack:
+        return ButterflyStack(
+            n,
+            model,
+            complex=True,
+            tied=True,
+            share_logits=spec.share_logits,
+            init=spec.init,
+            real_output=real,
+            extra_perm=extra_perm,
+            generator=torch.Generator().manual_seed(spec.seed),
+        )
+
+    if not batched:
+        return one(specs[0])
+    if len({s.share_logits for s in specs}) != 1:
+        raise ValueError("trials of one batched model must share share_logits")
     gens = [torch.Generator().manual_seed(s.seed) for s in specs]
-    kw: dict[str, Any] = dict(
+    stack = ButterflyStack(
+        n,
+        model,
         complex=True,
         tied=True,
         share_logits=specs[0].share_logits,
         init=specs[0].init,
         real_output=real,
         extra_perm=extra_perm,
+        trials=len(specs),
+        generator=gens,
     )
-    if not batched:
-        return ButterflyStack(n, model, generator=gens[0], **kw)
-    return ButterflyStack(n, model, trials=len(specs), generator=gens, **kw)
+    if len({s.init for s in specs}) > 1:
+        state = stack.state_dict()
+        for t, spec in enumerate(specs):
+            for k, v in one(spec).state_dict().items():
+                if state[k].dim() > v.dim():
+                    state[k][t] = v
+        stack.load_state_dict(state)
+    return stack
 
 
 def working_dtype(target: torch.Tensor) -> torch.dtype:
@@ -204,17 +244,28 @@ def working_dtype(target: torch.Tensor) -> torch.dtype:
 
 
 class TrialGroup:
-    """Trials trained together: one (batched) model, one Adam, values per trial."""
+    """Trials trained together: one batched model, one Adam, values per trial.
+
+    Trials leave (`regroup` keeps a subset) and join (`regroup` appends fresh ones) between
+    epochs, so a worker keeps its batch full. batched=False holds one unbatched trial.
+    """
 
     def __init__(
-        self, specs: list[TrialSpec], n: int, model: str, target: torch.Tensor, sp: SearchParams
+        self,
+        specs: list[TrialSpec],
+        n: int,
+        model: str,
+        target: torch.Tensor,
+        sp: SearchParams,
+        batched: bool | None = None,
     ):
-        self.specs, self.n, self.model_name, self.sp = list(specs), n, model, sp
+        self.n, self.model_name, self.sp = n, model, sp
         self.target = target.to(working_dtype(target))
-        self.batched = len(self.specs) > 1
-        self.stack = self._build(self.specs)
-        lr = torch.tensor([s.lr for s in self.specs], dtype=torch.float64)
-        self.opt = BatchedAdam(list(self.stack.parameters()), lr, self.batched)
+        self.batched = len(specs) > 1 if batched is None else batched
+        self.specs: list[TrialSpec] = []
+        self.stack: ButterflyStack | None = None
+        self.opt: BatchedAdam | None = None
+        self.regroup([], specs)
 
     def _build(self, specs: list[TrialSpec]) -> ButterflyStack:
         real = not self.target.is_complex()
@@ -222,10 +273,12 @@ class TrialGroup:
 
     def losses(self) -> torch.Tensor:
         """(trials,) MSE of each trial's matrix."""
+        assert self.stack is not None
         return mse(self.stack.matrix(), self.target, self.sp.loss).reshape(-1)
 
     def epoch(self) -> list[float]:
         """`epoch_steps` Adam steps; returns each trial's MSE after them."""
+        assert self.opt is not None
         for _ in range(self.sp.epoch_steps):
             self.opt.zero_grad()
             self.losses().sum().backward()  # trials do not interact: each gets its own gradient
@@ -235,19 +288,40 @@ class TrialGroup:
 
     def trial(self, i: int) -> ButterflyStack:
         """An unbatched copy of trial i (for a polish, a checkpoint or the final model)."""
+        assert self.stack is not None
         return self.stack.trial(i) if self.batched else copy.deepcopy(self.stack)
 
     def keep(self, indices: list[int]) -> None:
         """Narrow the group to these trials (the others finished or were pruned)."""
-        if not indices or indices == list(range(len(self.specs))):
-            self.specs = [self.specs[i] for i in indices]
+        self.regroup(indices, [])
+
+    def regroup(self, keep: list[int], new: list[TrialSpec]) -> None:
+        """Keep trials `keep` (in that order) with their state, then append fresh trials `new`."""
+        if not self.batched and len(keep) + len(new) > 1:
+            raise ValueError("an unbatched group holds one trial")
+        if keep == list(range(len(self.specs))) and not new:
             return
-        count = len(self.specs)
-        self.specs = [self.specs[i] for i in indices]
-        idx = torch.tensor(indices)
-        old = self.stack.state_dict()
-        self.stack = self._build(self.specs)
-        self.stack.load_state_dict(
-            {k: v[idx] if v.dim() > 0 and v.shape[0] == count else v for k, v in old.items()}
-        )
-        self.opt.select(list(self.stack.parameters()), idx)
+        specs = [self.specs[i] for i in keep] + list(new)
+        if not specs:
+            self.specs, self.stack, self.opt = [], None, None
+            return
+        stack = self._build(specs)
+        lr_new = torch.tensor([s.lr for s in new], dtype=torch.float64)
+        idx = torch.tensor(keep, dtype=torch.long)
+        if self.stack is not None and keep:
+            state = stack.state_dict()
+            old = self.stack.state_dict()
+            if self.batched:
+                for k, v in old.items():
+                    if v.dim() > 0 and v.shape[0] == len(self.specs) and k in state:
+                        state[k][: len(keep)] = v[idx]
+            else:
+                state = old
+            stack.load_state_dict(state)
+        if self.opt is None or not keep:
+            self.opt = BatchedAdam(
+                list(stack.parameters()), torch.tensor([s.lr for s in specs]), self.batched
+            )
+        else:
+            self.opt.regroup(list(stack.parameters()), idx, lr_new)
+        self.specs, self.stack = specs, stack

@@ -141,6 +141,13 @@ def test_a_trial_in_a_batch_trains_as_alone(smoke: RecoverParams, gen: torch.Gen
         assert values[0] == pytest.approx(batched[i], rel=1e-4)
         if i != 1:
             assert values[1] == pytest.approx(narrowed[[0, 2].index(i)], rel=1e-4)
+    # a trial that joins a running group starts from its own init and its own Adam step 1
+    late = TrialSpec(3, 0.03, True, "ortho", seeds[0] + 1)
+    group.regroup([0, 1], [late])
+    joined = group.epoch()
+    assert joined[2] == pytest.approx(
+        TrialGroup([late], 16, "bpp", target, sp).epoch()[0], rel=1e-4
+    )
 
 
 def test_smoke_recovers_the_dft(smoke: RecoverParams, tmp_path: Path) -> None:
