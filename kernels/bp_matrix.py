@@ -127,13 +127,13 @@ SMALL_N = 64
 
 
 @lru_cache(maxsize=16)
-def _twiddle_index(n: int) -> torch.Tensor:
+def _twiddle_index(n: int, device: torch.device) -> torch.Tensor:
     """(m, n, n): B[i, j] = prod_l tw.flatten()[idx[l, i, j]] for a tied twiddle (n-1, 2, 2).
 
     Level l maps bit l of j to bit l of i, inside the block that i's lower l bits select.
     """
     m = log2_exact(n)
-    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    i, j = torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None, :]
     return torch.stack(
         [
             4 * ((1 << lv) - 1 + i % (1 << lv)) + 2 * ((i >> lv) & 1) + ((j >> lv) & 1)
@@ -145,11 +145,11 @@ def _twiddle_index(n: int) -> torch.Tensor:
 def dense_butterfly(twiddle: torch.Tensor) -> torch.Tensor:
     """B (..., n, n) of a tied twiddle (..., n-1, 2, 2) as a product of gathered entries."""
     n = twiddle.shape[-3] + 1
-    return twiddle.flatten(-3)[..., _twiddle_index(n)].prod(dim=-3)
+    return twiddle.flatten(-3)[..., _twiddle_index(n, twiddle.device)].prod(dim=-3)
 
 
 @lru_cache(maxsize=32)
-def _level_basis(n: int, dtype: torch.dtype) -> torch.Tensor:
+def _level_basis(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(m-1, 8, n, n): level l's I (x) Q_k (k = n >> l) is sum_c w_c basis[l, c], with
     w = [1 - p1, p1, 1 - p2, p2] (x) [1 - p0, p0] (R's four parts times E's two)."""
     out = []
@@ -167,7 +167,7 @@ def _level_basis(n: int, dtype: torch.dtype) -> torch.Tensor:
         evenodd = torch.eye(k)[torch.cat([torch.arange(0, k, 2), torch.arange(1, k, 2)])]
         mats = [r @ e for r in parts for e in (torch.eye(k), evenodd)]
         out.append(torch.stack([torch.kron(torch.eye(n // k), q) for q in mats]))
-    return torch.stack(out).to(dtype)
+    return torch.stack(out).to(dtype=dtype, device=device)
 
 
 def dense_permutation(probs: torch.Tensor, n: int, top_only: bool = False) -> torch.Tensor:
@@ -177,7 +177,9 @@ def dense_permutation(probs: torch.Tensor, n: int, top_only: bool = False) -> to
     r = torch.stack([1 - p1, p1, 1 - p2, p2], dim=-1)
     e = torch.stack([1 - p0, p0], dim=-1)
     w = (r.unsqueeze(-1) * e.unsqueeze(-2)).flatten(-2)  # (..., levels or 1, 8)
-    mats = torch.einsum("...lc,lcij->...lij", w, _level_basis(n, probs.dtype)[:levels])
+    mats = torch.einsum(
+        "...lc,lcij->...lij", w, _level_basis(n, probs.dtype, probs.device)[:levels]
+    )
     if mats.shape[-3] == 1 and levels > 1:
         mats = mats.expand(*mats.shape[:-3], levels, n, n)
     out = mats[..., levels - 1, :, :]  # P = L_{m-2} ... L_0: level 0 (size n) acts first
@@ -272,7 +274,9 @@ def right_butterfly(x: torch.Tensor, twiddle: torch.Tensor, skip: int = 0) -> to
     n = x.shape[-1]
     tw = twiddle.transpose(-1, -2)  # x B = (B^T x^T)^T; B^T applies the size-n factor first
     if skip:
-        eye = torch.eye(2, dtype=tw.dtype).expand(*tw.shape[:-3], (1 << skip) - 1, 2, 2)
+        eye = torch.eye(2, dtype=tw.dtype, device=tw.device).expand(
+            *tw.shape[:-3], (1 << skip) - 1, 2, 2
+        )
         tw = torch.cat([eye, tw[..., (1 << skip) - 1 :, :, :]], dim=-3)
     lead = twiddle.shape[:-3]
     if not lead:
