@@ -23,6 +23,48 @@ per twiddle and tile into a double accumulator. Written with GCC/clang vector ex
 
 from __future__ import annotations
 
+# hsum8 per type: the eight lane sums of the complex backward folded together, halving the
+# lanes of pairs of vectors with __builtin_shufflevector (GCC >= 12, clang), one lane sum
+# per vector otherwise
+_SHUF = "__builtin_shufflevector"
+HSUM8 = {
+    "float": r"""#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+#define LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define LO4 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27
+#define HI4 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31
+#define LO2 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29
+#define HI2 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31
+    vec_f32 h[4], q[2], o;
+    for (int k = 0; k < 4; k++)
+        h[k] = SHUF(v[2 * k], v[2 * k + 1], LO8) + SHUF(v[2 * k], v[2 * k + 1], HI8);
+    for (int k = 0; k < 2; k++)
+        q[k] = SHUF(h[2 * k], h[2 * k + 1], LO4) + SHUF(h[2 * k], h[2 * k + 1], HI4);
+    o = SHUF(q[0], q[1], LO2) + SHUF(q[0], q[1], HI2);
+    for (int k = 0; k < 8; k++) acc[k] += (double)(o[2 * k] + o[2 * k + 1]);
+#undef LO8
+#undef HI8
+#undef LO4
+#undef HI4
+#undef LO2
+#undef HI2
+#else
+    for (int k = 0; k < 8; k++) acc[k] += hsum_f32(v[k]);
+#endif""".replace("SHUF", _SHUF),
+    "double": r"""#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+    vec_f64 h[4], q[2];
+    for (int k = 0; k < 4; k++)
+        h[k] = SHUF(v[2 * k], v[2 * k + 1], 0, 1, 2, 3, 8, 9, 10, 11)
+               + SHUF(v[2 * k], v[2 * k + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int k = 0; k < 2; k++)
+        q[k] = SHUF(h[2 * k], h[2 * k + 1], 0, 1, 4, 5, 8, 9, 12, 13)
+               + SHUF(h[2 * k], h[2 * k + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+    for (int k = 0; k < 8; k++) acc[k] += q[k / 4][2 * (k % 4)] + q[k / 4][2 * (k % 4) + 1];
+#else
+    for (int k = 0; k < 8; k++) acc[k] += hsum_f64(v[k]);
+#endif""".replace("SHUF", _SHUF),
+}
+
 TILED_BODY = r"""
 #define TR_SFX ((int64_t)(TL_BYTES / sizeof(real_t)))
 
@@ -139,6 +181,12 @@ INLINE double hsum_SFX(vec_SFX v)
     return sum;
 }
 
+/* acc[k] += the lane sum of v[k] for k < 8 (the per-type code of csource_tiled.HSUM8) */
+INLINE void hsum8_SFX(const vec_SFX *v, double *acc)
+{
+HSUM8_IMPL
+}
+
 /* Backward of one level: x = its input, g = grad of its output, replaced in place by the grad
    of its input; gacc += the level's twiddle gradient if want. Tied levels run j outer, g inner
    so that the sums over a twiddle's groups stay in registers (one lane sum per twiddle). */
@@ -208,10 +256,8 @@ INLINE void tl_bwd_cplx_body_SFX(const real_t *x, real_t *g, int64_t n, int64_t 
                 acc8[6] += br_ * qr + bi_ * qi; acc8[7] += bi_ * qr - br_ * qi;
                 if (!tied) {
                     double *acc = gacc + 8 * p;
-                    for (int k = 0; k < 8; k++) {
-                        acc[k] += hsum_SFX(acc8[k]);
-                        acc8[k] = (vec_SFX){0};
-                    }
+                    hsum8_SFX(acc8, acc);
+                    for (int k = 0; k < 8; k++) acc8[k] = (vec_SFX){0};
                 }
             }
         }
