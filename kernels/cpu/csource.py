@@ -27,9 +27,9 @@ from __future__ import annotations
 
 from kernels.cpu.csource_crows import CROWS_BODY
 from kernels.cpu.csource_mix import MIX_BODY
-from kernels.cpu.csource_tiled import HSUM8, TILED_BODY
+from kernels.cpu.csource_tiled import HSUM4, HSUM8, TILED_BODY
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 
 _HEADER = r"""
 #include <stdint.h>
@@ -185,6 +185,6 @@ def c_source() -> str:
     parts = [_HEADER % {"abi": ABI_VERSION}]
     for ctype, suffix in (("float", "_f32"), ("double", "_f64")):
         for body in (_BODY, TILED_BODY, MIX_BODY, CROWS_BODY):
-            body = body.replace("HSUM8_IMPL", HSUM8[ctype])
+            body = body.replace("HSUM8_IMPL", HSUM8[ctype]).replace("HSUM4_IMPL", HSUM4[ctype])
             parts.append(body.replace("real_t", ctype).replace("_SFX", suffix))
     return "".join(parts)

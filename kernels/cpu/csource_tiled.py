@@ -23,9 +23,9 @@ per twiddle and tile into a double accumulator. Written with GCC/clang vector ex
 
 from __future__ import annotations
 
-# hsum8 per type: the eight lane sums of the complex backward folded together, halving the
-# lanes of pairs of vectors with __builtin_shufflevector (GCC >= 12, clang), one lane sum
-# per vector otherwise
+# hsum8 / hsum4 per type: the eight (complex) or four (real) lane sums of an untied pair in the
+# backward folded together, halving the lanes of pairs of vectors with __builtin_shufflevector
+# (GCC >= 12, clang); one lane sum per vector otherwise
 _SHUF = "__builtin_shufflevector"
 HSUM8 = {
     "float": r"""#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
@@ -62,6 +62,30 @@ HSUM8 = {
     for (int k = 0; k < 8; k++) acc[k] += q[k / 4][2 * (k % 4)] + q[k / 4][2 * (k % 4) + 1];
 #else
     for (int k = 0; k < 8; k++) acc[k] += hsum_f64(v[k]);
+#endif""".replace("SHUF", _SHUF),
+}
+HSUM4 = {
+    "float": r"""#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+    vec_f32 h0 = SHUF(v[0], v[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+                 + SHUF(v[0], v[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    vec_f32 h1 = SHUF(v[2], v[3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+                 + SHUF(v[2], v[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    vec_f32 q = SHUF(h0, h1, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+                + SHUF(h0, h1, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    vec_f32 o = q + SHUF(q, q, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    for (int k = 0; k < 4; k++) acc[k] += (double)(o[4 * k] + o[4 * k + 1]);
+#else
+    for (int k = 0; k < 4; k++) acc[k] += hsum_f32(v[k]);
+#endif""".replace("SHUF", _SHUF),
+    "double": r"""#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+    vec_f64 h0 = SHUF(v[0], v[1], 0, 1, 2, 3, 8, 9, 10, 11)
+                 + SHUF(v[0], v[1], 4, 5, 6, 7, 12, 13, 14, 15);
+    vec_f64 h1 = SHUF(v[2], v[3], 0, 1, 2, 3, 8, 9, 10, 11)
+                 + SHUF(v[2], v[3], 4, 5, 6, 7, 12, 13, 14, 15);
+    vec_f64 q = SHUF(h0, h1, 0, 1, 4, 5, 8, 9, 12, 13) + SHUF(h0, h1, 2, 3, 6, 7, 10, 11, 14, 15);
+    for (int k = 0; k < 4; k++) acc[k] += q[2 * k] + q[2 * k + 1];
+#else
+    for (int k = 0; k < 4; k++) acc[k] += hsum_f64(v[k]);
 #endif""".replace("SHUF", _SHUF),
 }
 
@@ -181,10 +205,15 @@ INLINE double hsum_SFX(vec_SFX v)
     return sum;
 }
 
-/* acc[k] += the lane sum of v[k] for k < 8 (the per-type code of csource_tiled.HSUM8) */
+/* acc[k] += the lane sum of v[k] for k < 8, k < 4 (the per-type code of csource_tiled.HSUM8) */
 INLINE void hsum8_SFX(const vec_SFX *v, double *acc)
 {
 HSUM8_IMPL
+}
+
+INLINE void hsum4_SFX(const vec_SFX *v, double *acc)
+{
+HSUM4_IMPL
 }
 
 /* Backward of one level: x = its input, g = grad of its output, replaced in place by the grad
@@ -209,9 +238,8 @@ INLINE void tl_bwd_real_body_SFX(const real_t *x, real_t *g, int64_t n, int64_t 
                 const vec_SFX u = ld_SFX(x + i * R), v = ld_SFX(x + (i + s) * R);
                 sa += gt * u; sb += gt * v; sc += gb * u; sd += gb * v;
                 if (!tied) {
-                    double *acc = gacc + 4 * p;
-                    acc[0] += hsum_SFX(sa); acc[1] += hsum_SFX(sb);
-                    acc[2] += hsum_SFX(sc); acc[3] += hsum_SFX(sd);
+                    const vec_SFX four[4] = {sa, sb, sc, sd};
+                    hsum4_SFX(four, gacc + 4 * p);
                     sa = sb = sc = sd = (vec_SFX){0};
                 }
             }
