@@ -125,17 +125,18 @@ class Butterfly(nn.Module):
             x = x.reshape(-1, shape[-1])
         if shape[-1] != self.in_features:
             raise ValueError(f"expected last dim {self.in_features}, got {shape[-1]}")
-        bias = self.bias
-        if bias is not None and self.complex:
-            bias = torch.view_as_complex(bias)
+        params = self._parameters  # one dict lookup each: nn.Module.__getattr__ costs more
+        bias, tw = params.get("bias"), params["twiddle"]
+        if self.complex:
+            tw = torch.view_as_complex(tw)
+            bias = None if bias is None else torch.view_as_complex(bias)
         if self.n == 1:
-            y = x * self.twiddle_tensor()[..., 0, 0].prod()
+            y = x * tw[..., 0, 0].prod()
             y = y if bias is None else y + bias
         else:
             if self.in_features < self.n:
                 x = nn.functional.pad(x, (0, self.n - self.in_features))
             cache = None if self.training else self._cpu_plan()
-            tw = self.twiddle_tensor()
             # the bias rides along: the real row loop adds it in the same call
             y = butterfly_multiply(tw, x, self.increasing_stride, cache=cache, bias=bias)
         if self.out_features < y.shape[1]:
@@ -159,7 +160,8 @@ def tied_bp_matrix(twiddle: torch.Tensor, probs: torch.Tensor | None) -> torch.T
 
 
 # bpbp joins its two blocks by a dense product up to this n, above it by pushing the rows of
-# B2 P2 through B1 and P1 in O(n^2 log n) (measured: reports/recovery_step_times.md)
+# B2 P2 through B1 and P1 (kernels/bp_matrix.times_bp): on the 2-core CPU the two tie at
+# n = 512 and the push is clearly faster at 1024, the dense product at 256 and below
 BPBP_DENSE_MAX_N = 256
 BPBP_PUSH_BLOCK = 64  # B1's levels below this size join as one dense b x b block
 
@@ -191,6 +193,8 @@ class ButterflyStack(nn.Module):
     of T generators: trial t draws exactly what an unbatched stack built with generator[t]
     draws; one generator (or None) is drawn from trial after trial.
     """
+
+    trials: int | None = None  # the class default also serves modules pickled before trials
 
     def __init__(
         self,
