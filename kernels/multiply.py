@@ -56,7 +56,7 @@ class PlanCache:
         grad = torch.is_grad_enabled() and (twiddle.requires_grad or x.requires_grad)
         small = x.dim() == 2 and x.shape[0] <= COMPLEX_ROWS_MAX_BATCH
         t = twiddle
-        key = (t.data_ptr(), t._version, t.dtype, x.dtype, x.device, increasing, grad, small)
+        key = (t.data_ptr(), t._version, t.dtype, x.dtype, x.is_cpu, increasing, grad, small)
         # a bias to train (grad mode on, bias.requires_grad) is never fused: key both
         if bias is not None:
             key += (bias.data_ptr(), bias._version, _bias_grad(bias))
