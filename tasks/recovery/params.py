@@ -54,7 +54,7 @@ class SearchParams:
     reduction_factor: int  # Hyperband's eta
     patience: int  # prune a trial whose best MSE stalls this many epochs (0: off, the paper)
     min_delta_decades: float  # ... stalls = improves by less than this many decades
-    cell_seconds: dict[int, float]  # n -> wall-clock cap of a cell (the paper has none)
+    cell_seconds: dict[int, float]  # n -> CPU seconds per worker for a cell (the paper: no cap)
     batch: dict[int, int]  # n -> trials trained together in one vectorised model (paper: 1)
     workers: int  # parallel trial processes on this machine
     seed: int  # sampler seed

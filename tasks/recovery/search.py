@@ -175,8 +175,12 @@ class _Worker:
         group: TrialGroup | None = None
         slots: list[_Slot] = []
         exhausted = False
+        cpu0 = time.process_time()
         while True:
-            if time.time() > self.a["deadline"] or self.solved():
+            spent = time.process_time() - cpu0 > self.a["cpu_seconds"]
+            if spent or self.solved():
+                if spent and not self.solved():
+                    self.study.set_user_attr("capped", True)
                 for slot in slots:
                     self._finish(slot, pruned=False)
                 return
@@ -240,7 +244,11 @@ def run_worker(
     worker: int,
     target: torch.Tensor | None = None,
 ) -> None:
-    """Run a study's trials until its plan, its deadline or a solve; any machine may call it."""
+    """Run a study's trials until its plan, its CPU budget or a solve; any machine may call it.
+
+    The budget of a cell (`cell_seconds`) is CPU time per worker process, so a cell does the
+    same work on a busy machine as on a quiet one, only later.
+    """
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(storage_url, Path(work_dir))
@@ -287,7 +295,7 @@ def learn_cell(
         "model": model,
         "search": asdict(sp),
         "max_trials": sp.trials_for(n),
-        "deadline": t0 + sp.seconds_for(n),
+        "cpu_seconds": sp.seconds_for(n),
         "trial_dir": str((cell_dir / "trials").resolve()),
     }
     st = open_storage(storage, work_dir)
@@ -308,7 +316,7 @@ def learn_cell(
             f.result()
     study = optuna.load_study(study_name=study_name, storage=st)
     solved = study.user_attrs.get("solved_by")
-    capped = time.time() > attrs["deadline"] and solved is None
+    capped = bool(study.user_attrs.get("capped")) and solved is None
     ran = [t for t in study.trials if not t.user_attrs.get("unused")]
     ran = [t for t in ran if t.state != optuna.trial.TrialState.WAITING]
     done = [t for t in ran if "state" in t.user_attrs]

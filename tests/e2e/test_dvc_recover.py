@@ -60,7 +60,7 @@ def test_dvc_repro_recover_smoke(tmp_path: Path) -> None:
     }
     dvc = [str(Path(sys.executable).parent / "dvc")]
     proc = subprocess.run(
-        [*dvc, "repro", "recover"],
+        [*dvc, "repro", "recover-report"],
         cwd=repo,
         env=proc_env,
         capture_output=True,
@@ -86,13 +86,17 @@ def test_dvc_repro_recover_smoke(tmp_path: Path) -> None:
     env = json.loads((repo / "reports" / "recovery_environment.json").read_text())
     assert env["env_id"] == df.env_id.iloc[0] and env["torch"] and env["cpu"]
     status = subprocess.run(
-        [*dvc, "status", "--with-deps", "recover"],
+        [*dvc, "status", "--with-deps", "recover-report"],
         cwd=repo,
         env=proc_env,
         capture_output=True,
         text=True,
     )
     assert "up to date" in status.stdout, status.stdout
+    assert (repo / "reports" / "recovery.md").read_text().count("|") > 10
+    assert {"rmse_paper", "solved_by"} <= set(df.columns)
+    assert (df.rmse_paper[df.target == "dft"] < df.rmse[df.target == "dft"]).all()  # complex
+
 
     mlflow.set_tracking_uri(f"sqlite:///{store}")
     runs = mlflow.search_runs(experiment_names=["recover"], output_format="list")
@@ -106,3 +110,11 @@ def test_dvc_repro_recover_smoke(tmp_path: Path) -> None:
     learned = [r for r in children if r.data.params["method"] == "bp"]
     arts = mlflow.artifacts.list_artifacts(run_id=learned[0].info.run_id)
     assert any(a.path.endswith(".pt") for a in arts)
+
+    # a re-run of the same code and params keeps the finished cells instead of searching again
+    again = subprocess.run(
+        [*dvc, "repro", "-f", "recover"], cwd=repo, env=proc_env, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("kept from an earlier run") == len(smoke), again.stderr[-3000:]
+    assert pd.read_csv(repo / "reports" / "recovery.csv").rmse.tolist() == df.rmse.tolist()
