@@ -17,6 +17,8 @@ machine, load average, torch version and commit. Sections:
   fallback for real, torch relaxed permutations) against the default compiled paths.
 - overhead: a Butterfly(n, n) eval call at batch 1 against nn.Linear(n, n); overhead = the
   call minus its arithmetic (the row loop's per-row time from a batch-64 call).
+- compile (optional, about 90 s of compiling): the reference under torch.compile, the
+  alternative to a hand-written kernel, on the first training case.
 Times are medians of repeated calls after warm-up (time.perf_counter).
 """
 
@@ -193,6 +195,21 @@ def section_overhead(rows: list[dict], gen: torch.Generator, repeats: int) -> No
         rows.append({**base, "case": "nn.Linear(n, n) eval call", "impl": "dense", "ms": dense})
 
 
+def section_compile(rows: list[dict], gen: torch.Generator, repeats: int) -> None:
+    n, batch = 1024, 256
+    tw = twiddle(n, 1, False, torch.float32, gen).requires_grad_()
+    x = torch.randn(batch, n, generator=gen)
+    g = torch.randn(batch, n, generator=gen)
+    step = train_step(torch.compile(butterfly_multiply_reference), tw, x, g)
+    t0 = time.perf_counter()
+    step()
+    base = dict(section="compile", n=n, batch=batch, dtype="float32", nblocks=1, tied=False)
+    rows.append({**base, "case": "first call (compiling)", "impl": "torch.compile(reference)",
+                 "ms": 1e3 * (time.perf_counter() - t0)})  # fmt: skip
+    rows.append({**base, "case": "Butterfly layer", "impl": "torch.compile(reference)",
+                 "ms": median_ms(step, repeats)})  # fmt: skip
+
+
 def environment() -> dict[str, str]:
     """Machine, library and load context printed above the tables."""
     try:
@@ -285,6 +302,11 @@ def markdown(rows: list[dict], env: dict[str, str]) -> str:
         out.append(f"| {n} | {us('Butterfly(n, n) eval call'):.1f} | "
                    f"{us('per-row arithmetic'):.1f} | {us('overhead = call - arithmetic'):.1f} | "
                    f"{us('nn.Linear(n, n) eval call', 'dense'):.1f} |")  # fmt: skip
+    done = {r["case"]: r["ms"] for r in rows if r["section"] == "compile"}
+    if done:
+        out += ["", "## torch.compile of the reference (float32, 1 block, batch 256)", "",
+                f"- first call, compiling: {done['first call (compiling)'] / 1e3:.1f} s",
+                f"- forward + backward: {done['Butterfly layer']:.2f} ms"]  # fmt: skip
     return "\n".join(out + [""])
 
 
@@ -292,14 +314,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="reports/cpu_training_times", help="path without suffix")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--sections", default="train,infer,layers,overhead")
+    ap.add_argument("--sections", default="train,infer,layers,overhead", help="and compile")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     env = environment()
     rows: list[dict] = []
     funcs = {"train": section_train, "infer": section_infer, "layers": section_layers,
-             "overhead": section_overhead}  # fmt: skip
+             "overhead": section_overhead, "compile": section_compile}  # fmt: skip
     for name in args.sections.split(","):
         funcs[name](rows, gen, args.repeats)
         print(f"{name}: done", flush=True)
