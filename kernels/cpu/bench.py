@@ -305,7 +305,8 @@ def markdown(rows: list[dict], env: dict[str, str]) -> str:
     done = {r["case"]: r["ms"] for r in rows if r["section"] == "compile"}
     if done:
         out += ["", "## torch.compile of the reference (float32, 1 block, batch 256)", "",
-                f"- first call, compiling: {done['first call (compiling)'] / 1e3:.1f} s",
+                f"- first call, compiling: {done['first call (compiling)'] / 1e3:.1f} s "
+                "(inductor's on-disk cache may hold an earlier compile of the same graph)",
                 f"- forward + backward: {done['Butterfly layer']:.2f} ms"]  # fmt: skip
     return "\n".join(out + [""])
 
