@@ -298,6 +298,7 @@ def learn_cell(
         "cpu_seconds": sp.seconds_for(n),
         "trial_dir": str((cell_dir / "trials").resolve()),
     }
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is the stage's one line
     st = open_storage(storage, work_dir)
     study = optuna.create_study(study_name=study_name, storage=st, direction="minimize")
     for k, v in attrs.items():
