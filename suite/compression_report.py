@@ -44,7 +44,7 @@ FAMILIES = (
 PAPER_GAP = paper.abstract_claim("accuracy_gain_points").value
 PAPER_PARAM_RATIO = paper.abstract_claim("parameter_reduction").value
 PAPER_SPEEDUP = paper.abstract_claim("inference_speedup").value
-PROFILE_RANK = {"paper": 3, "quick": 2, "smoke": 1}
+PROFILE_RANK = {"paper": 3, "quick": 2, "full": 2, "smoke": 1}  # full: quick compress
 """Which profile's rows a claim uses when several are present: the highest rank."""
 CAPS = ("epoch_cap", "time_cap")
 
