@@ -56,13 +56,14 @@ def code_digest() -> str:
 
 
 def _cell_key(p: Any, name: str, n: int, model: str, code: str) -> str:
+    """What a cell's result depends on: its own slice of the search (per-n maps at n only), the
+    baselines, the cell and the code. Profiles that agree on a cell share its kept result."""
+    search = {
+        k: (v.get(n) if isinstance(v, dict) else v)
+        for k, v in asdict(p.search_for(name, n)).items()
+    }
     blob = json.dumps(
-        {
-            "search": asdict(p.search_for(name, n)),
-            "baselines": p.baselines,
-            "cell": [name, n, model],
-        },
-        sort_keys=True,
+        {"search": search, "baselines": p.baselines, "cell": [name, n, model]}, sort_keys=True
     )
     return hashlib.sha256(f"{blob}/{code}".encode()).hexdigest()[:16]
 
@@ -128,7 +129,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     out = Path(args.reports)
     table = out / f"{args.name}.csv"
     factors_dir = Path(args.factors)
-    kept = _scratch() / "recover-cells" / args.name
+    kept = _scratch() / "recover-cells"
     kept.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="recover-", dir=_scratch()))
     code = code_digest()
