@@ -269,3 +269,22 @@ def test_stalled_trial_is_pruned_without_a_population() -> None:
         decisions_improving.append(improving.should_prune())
     assert not any(decisions_stalled[:3]) and decisions_stalled[3]
     assert not any(decisions_improving)
+
+
+def test_search_params_survive_the_study_round_trip(smoke: RecoverParams) -> None:
+    """Workers rebuild the search from the study's JSON attributes: int keys come back ints."""
+    import json
+    from dataclasses import asdict
+
+    from tasks.recovery import SearchParams
+
+    sp = replace(smoke.search, batch={8: 4, 64: 2})
+    back = SearchParams.from_json(json.loads(json.dumps(asdict(sp))))
+    assert back == sp and back.batch_for(64) == 2 and back.batch_for(128) == 1
+
+
+def test_target_budget_scales_one_target(smoke: RecoverParams) -> None:
+    p = replace(smoke, target_budget={"hadamard": 2.0})
+    assert p.search_for("hadamard", 8).cell_seconds[8] == 2 * smoke.search.cell_seconds[8]
+    assert p.search_for("hadamard", 8).trials[8] == 2 * smoke.search.trials[8]
+    assert p.search_for("dft", 8) == smoke.search
