@@ -171,13 +171,16 @@ def cmd_recover(args: argparse.Namespace) -> int:
                 metrics = {k: r[k] for k in ("rmse", "rmse_paper", "seconds", "steps")}
                 metrics["recovered"] = float(r["recovered"])
                 learned = r["method"] in LEARNED and cell_pt.is_file()
-                run.child(
+                finite = {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)}
+                child_id = run.child(
                     f"{name}-{n}-{r['method']}",
                     {k: r[k] for k in ("target", "n", "method", "model", "trials", "best_params")},
-                    {k: v for k, v in metrics.items() if v is not None and math.isfinite(v)},
+                    finite,
                     {"target": name, "method": r["method"]},
                     [cell_pt] if learned else [],
                 )
+                if learned:  # the learned factors as an MLflow logged model, found from the UI
+                    run.log_factors_model(child_id, f"{name}-n{n}-{model}", cell_pt, metrics=finite)
                 rows.append(r)
             first = cell_rows[0]
             _log(

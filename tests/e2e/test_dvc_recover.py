@@ -110,6 +110,11 @@ def test_dvc_repro_recover_smoke(tmp_path: Path) -> None:
     learned = [r for r in children if r.data.params["method"] == "bp"]
     arts = mlflow.artifacts.list_artifacts(run_id=learned[0].info.run_id)
     assert any(a.path.endswith(".pt") for a in arts)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("recover").experiment_id
+    models = client.search_logged_models([exp])
+    assert sorted(m.name for m in models) == ["dft-n8-bp", "hadamard-n8-bp"]
+    assert all(m.model_type == "butterfly-factors" for m in models)
 
     # a re-run of the same code and params keeps the finished cells instead of searching again
     again = subprocess.run(
