@@ -324,6 +324,20 @@ def _provenance(inp: Inputs) -> list[str]:
     return [*out, ""]
 
 
+DEVIATIONS = ("<!-- deviations:start -->", "<!-- deviations:end -->")
+
+
+def deviations(readme: Path) -> list[str]:
+    """The deviations table of the project README (between the DEVIATIONS markers), so that
+    the report and the README show one table; nothing when the README has none."""
+    text = readme.read_text() if readme.is_file() else ""
+    start, end = (text.find(m) for m in DEVIATIONS)
+    if start < 0 or end < start:
+        return []
+    return ["### Deviations from the paper (from the project README)", "",
+            text[start + len(DEVIATIONS[0]) : end].strip(), ""]  # fmt: skip
+
+
 def render(inp: Inputs) -> str:
     """The whole README as markdown."""
     rows = [[c.claim, c.paper, c.measured, c.source, c.verdict] for c in claims(inp)]
@@ -342,6 +356,7 @@ def render(inp: Inputs) -> str:
                 report.recovery_markdown(inp.recovery)]  # fmt: skip
         out += [f"Run: {m.get('recovered')} of {m.get('cells')} learned cells recovered in "
                 f"{m.get('seconds')} s (profile {m.get('profile')}).", ""] if m else []  # fmt: skip
+    out += deviations(inp.root.parent / "README.md")
     out += ["## CIFAR-10 compression (single hidden layer)", ""]
     if inp.compression is None:
         out += [f"not run yet: {RUN['compress']}", ""]

@@ -326,3 +326,18 @@ def test_stale_comparison_is_noted(full: Path, tmp_path: Path) -> None:
         assert stale_compare(full) == [speed.name]
     finally:
         os.utime(speed, (t - 10, t - 10))
+
+
+def test_the_report_carries_the_readmes_deviations_table(tmp_path: Path) -> None:
+    """One table, two places: the report copies the README's, markers excluded."""
+    from suite.reproduction_report import deviations
+
+    real = deviations(Path(__file__).resolve().parents[2] / "README.md")
+    assert real and "extra_perm" in real[2] and "polish_iters" in real[2]
+    assert "<!--" not in "\n".join(real)
+    readme = tmp_path / "README.md"
+    start, end = "<!-- deviations:start -->", "<!-- deviations:end -->"
+    readme.write_text(f"# x\n{start}\n| a | b |\n|---|---|\n{end}\n")
+    assert deviations(readme)[2] == "| a | b |\n|---|---|"
+    readme.write_text("# no table\n")
+    assert deviations(readme) == [] and deviations(tmp_path / "missing.md") == []
