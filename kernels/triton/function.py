@@ -39,6 +39,7 @@ import triton
 from kernels.reference import log2_exact
 from kernels.triton import kernels as tk
 from kernels.triton.kernels import INTERPRET, fold_tied, pair_order
+from kernels.triton.spills import SPILLS
 
 MAX_TILE_N = 4096
 BWD_MAX_TILE_COMPLEX = 2048  # complex backward tiles: at 4096 every config spills (report)
@@ -49,9 +50,6 @@ PARTIAL_BUDGET = 32 << 20  # bytes of twiddle-grad partials per backward launch
 INTERPRET_TILE = 4096  # rows * columns per program under the interpreter: few programs
 INTERPRET_PROGRAMS = 2  # backward programs per column under the interpreter (>1: tests splits)
 INTERPRET_BLOCK_B: int | None = None  # tests force small row tiles (several per program)
-# configs ptxas showed to spill (reports/triton_compile.md): (kind, COMPLEX, C_LOG, LOB,
-# BLOCK_B, num_warps); the tuner never tries them
-SPILLS: frozenset[tuple] = frozenset()
 _LOW = (torch.float16, torch.bfloat16)
 _LAST: dict[str, dict] = {}
 _TW_CACHE: dict[tuple, tuple] = {}
@@ -195,10 +193,11 @@ def tw_planes(twiddle: torch.Tensor, g: Geometry) -> tuple[torch.Tensor, ...]:
     return planes
 
 
-def _prune(per_thread_max: int, rows_arg: str, kind: str, spills: frozenset):
+def _prune(per_thread_max: int, rows_arg: str, kind: str, spills: frozenset | None):
     """early_config_prune: configs whose tile fits per_thread_max values per thread and
     plane-set, that fill at least a quarter of it, and that the compile report did not see
-    spill (spills: (kind, COMPLEX, C_LOG, LOB, BLOCK_B, num_warps); reports/triton_compile.md)."""
+    spill (spills: (kind, COMPLEX, C_LOG, LOB, BLOCK_B, num_warps); None: the module's
+    SPILLS, read at each call; reports/triton_compile.md)."""
 
     def prune(configs: list, named_args: dict, **kwargs: object) -> list:
         args = {**named_args, **kwargs}
@@ -210,7 +209,7 @@ def _prune(per_thread_max: int, rows_arg: str, kind: str, spills: frozenset):
 
         def spills_(c: triton.Config) -> bool:
             return (kind, bool(args["COMPLEX"]), args["C_LOG"], args["LOB"], c.kwargs["BLOCK_B"],
-                    c.num_warps) in spills
+                    c.num_warps) in (SPILLS if spills is None else spills)
 
         fit = [c for c in configs if load(c) <= per_thread_max and c.kwargs["BLOCK_B"] <= rows
                and not spills_(c)]
@@ -225,7 +224,7 @@ def _prune(per_thread_max: int, rows_arg: str, kind: str, spills: frozenset):
 def _prune_fn(kind: str, spills: frozenset | None = None):
     """The tuner's prune for kind "fwd" / "bwd" (spills: SPILLS unless given)."""
     cap, rows = (FWD_PER_THREAD, "batch") if kind == "fwd" else (BWD_PER_THREAD, "rows_per_split")
-    return _prune(cap, rows, kind, SPILLS if spills is None else spills)
+    return _prune(cap, rows, kind, spills)
 
 
 def rows_log2(rows: int) -> int:

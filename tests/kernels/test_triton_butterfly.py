@@ -287,7 +287,9 @@ def test_autotune_configs_fit_registers() -> None:
         args = dict(C_LOG=c_log, LOB=lob, COMPLEX=cplx, batch=rows, rows_per_split=rows)
         return [(c.kwargs["BLOCK_B"], c.num_warps) for c in f._PRUNE[kind](f._CONFIGS, args)]
 
-    assert pruned("bwd", 12, 1, True, 999) == [(1, 16)]
+    # the complex 4096-point backward tile spills at every config: never launched (the
+    # plan splits it, see test_triton_faults), and its spilling config is pruned
+    assert (1, 16) not in pruned("bwd", 12, 1, True, 999)
     for kind, cap in (("fwd", f.FWD_PER_THREAD), ("bwd", f.BWD_PER_THREAD)):
         for c_log, lob, cplx, rows in (
             (12, 1, False, 999),
