@@ -95,22 +95,8 @@ class Progress:
 
 
 def _row(rec: Any, **ctx: Any) -> dict[str, Any]:
-    row = {
-        k: getattr(rec, k)
-        for k in (
-            "target",
-            "n",
-            "method",
-            "model",
-            "rmse",
-            "rmse_paper",
-            "trials",
-            "steps",
-            "seconds",
-            "budget_capped",
-            "solved_by",
-        )
-    }
+    """A CellRecord as a table row: the schema's columns it has, plus solved_by and its hp."""
+    row = {k: getattr(rec, k) for k in (*results.RECOVERY_COLUMNS, "solved_by") if hasattr(rec, k)}
     row["recovered"] = rec.recovered
     row["best_params"] = json.dumps(rec.best_params, sort_keys=True)
     return {**row, **ctx}
