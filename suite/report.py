@@ -255,7 +255,8 @@ def recovery_verdicts(df: pd.DataFrame) -> pd.DataFrame:
 
     Columns: target, measured (N list), verdict, detail. verdict is one of "reproduced"
     (same outcome at every measured N), "exceeded" (recovered where the paper did not),
-    "not reproduced" (the paper recovered, we did not; wins over "exceeded"), "not run",
+    "not reproduced" (the paper recovered, we did not; wins over "exceeded"), "provisional"
+    (some cell missed the line when its budget cap stopped it: wins over all three), "not run",
     "not in paper" (a target the paper has no result for).
     """
     _require(df, _RECOVERY_REQUIRED, "recovery_verdicts")
@@ -272,9 +273,12 @@ def recovery_verdicts(df: pd.DataFrame) -> pd.DataFrame:
         if t not in paper.RECOVERY:
             out.append((t, ns, "not in paper", "the paper has no result for this target"))
             continue
-        missed, beyond, unpublished = [], [], []
-        for n, v in zip(ns, mine["rmse"], strict=True):
+        missed, beyond, unpublished, capped = [], [], [], []
+        caps = mine["budget_capped"] if "budget_capped" in mine else [False] * len(ns)
+        for n, v, cap in zip(ns, mine["rmse"], caps, strict=True):
             ours, theirs = bool(v <= paper.RMSE_THRESHOLD), paper.paper_recovered(t, n)
+            if not ours and _flag(cap):
+                capped.append(n)  # a miss at the budget cap may be the budget's, not the method's
             if theirs is None:
                 unpublished.append(n)
             elif theirs and not ours:
@@ -289,8 +293,12 @@ def recovery_verdicts(df: pd.DataFrame) -> pd.DataFrame:
             parts.append(f"we recovered, paper did not at N={_ns(beyond)}")
         if unpublished:
             parts.append(f"no paper result at N={_ns(unpublished)}")
+        if capped:
+            parts.insert(0, f"not recovered within the budget cap at N={_ns(capped)}")
         if compared == 0:
             verdict = "not in paper"
+        elif capped:
+            verdict = "provisional"
         elif missed:
             verdict = "not reproduced"
         elif beyond:

@@ -38,7 +38,7 @@ def _recovery(root: Path, sizes: dict[str, list[int]] | None = None, figure: boo
     base = dict(trials=4, steps=300, seconds=1.5, profile="quick", run_id="run-rec",
                 env_id=REC_ENV, commit=REC_COMMIT)
     rows = [{**base, "target": t, "n": n, "method": m, "model": m, "rmse": r,
-             "recovered": r <= paper.RMSE_THRESHOLD, "budget_capped": r > paper.RMSE_THRESHOLD}
+             "recovered": r <= paper.RMSE_THRESHOLD, "budget_capped": t == "legendre"}
             for t, n, m, r in cells]
     df = pd.DataFrame(rows, columns=list(results.RECOVERY_COLUMNS))
     results.write_table(df, root / "recovery.csv", results.RECOVERY_COLUMNS)
@@ -183,7 +183,7 @@ def test_verdicts_follow_the_shared_rules(full: Path) -> None:
     assert _verdict(rows, "(dft, bp)") == "reproduced"
     assert _verdict(rows, "dct (bpp)") == "not reproduced"
     assert _verdict(rows, "hadamard (bp)") == "reproduced"
-    assert _verdict(rows, "legendre (bp)") == "reproduced"
+    assert _verdict(rows, "legendre (bp)") == "provisional"  # its miss came at the budget cap
     assert _verdict(rows, "dst (bpp)") == "not measured (not run)"
     assert _verdict(rows, paper.HEADLINE_RECOVERED.text) == "not reproduced"
     gap = next(r for r in rows if c["accuracy_gain_points"].text in r[0])
