@@ -126,6 +126,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     progress = Progress([p.search_for(t, n).seconds_for(n) for t, n, _ in grid])
     _log(f"[recover] profile={profile} {len(grid)} cells tracking={uri} kept={kept}")
     rows: list[dict[str, Any]] = []
+    kept_cells = 0
     t0 = time.time()
     ctx = {"profile": profile, "env_id": fp["env_id"], "commit": fp["commit"]}
     run_params = {"profile": profile, **asdict(p), "env": fp}
@@ -140,6 +141,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
                 cached = json.loads(cell_json.read_text())
                 if cached.get("key") == key:
                     cell_rows = cached["rows"]
+                    kept_cells += 1
                     _log(f"[recover] {name} n={n}: kept from an earlier run of this code")
                 else:
                     cell_rows = None
@@ -188,6 +190,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
             "recovered": int(learned_df.recovered.sum()),
             "seconds": round(time.time() - t0, 1),
             "cell_seconds": round(float(learned_df.seconds.sum()), 1),
+            "kept_cells": kept_cells,  # finished by an earlier run: `seconds` excludes them
             "profile": profile,
         }
         results.atomic_write_json(out / f"{args.name}_metrics.json", metrics)
