@@ -98,8 +98,12 @@ def test_polish_survives_a_diverging_step() -> None:
     stack = ButterflyStack(8, "bpbp", real_output=True, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         start = mse(stack.matrix(), target).item()
-    _, value = polish(stack, target, replace(PAPER_POLISH, steps=5))
+    polished, value = polish(stack, target, replace(PAPER_POLISH, steps=5))
     assert math.isfinite(value) and value <= start
+    # the returned model is the restored best point, not whatever the last step left behind
+    assert all(torch.isfinite(p).all() for p in polished.parameters())
+    with torch.no_grad():
+        assert mse(polished.matrix(), target).item() == pytest.approx(value, rel=1e-5)
 
 
 def test_batched_adam_is_torch_adam(gen: torch.Generator) -> None:
