@@ -5,6 +5,9 @@ Function: the column reversals of Q_k = R E act on the half-size M_{k/2} (row sc
 with column ops), the scaling writes the k x k block once, and the even/odd mix E reads it
 through a strided view. Every tensor may carry leading (trial) dims; probs are real.
 
+On the CPU the relaxed levels run as compiled kernels where a C compiler is available
+(kernels/cpu/columns.py; COMPILED); the torch Functions below are the fallback and reference.
+
 Shapes: mat (..., s, s); twiddle rows of one level t (..., s, 2, 2) with t[r] =
 [[D1[r], D2[r]], [D3[r], D4[r]]]; probs p (..., 3) = (even/odd, reverse first half, reverse
 second half) as in kernels/permutation.py.
@@ -16,7 +19,9 @@ from functools import lru_cache
 
 import torch
 
-from kernels.multiply import butterfly_multiply
+from kernels.cpu import columns
+from kernels.cpu.tiled import butterfly_multiply_tiled
+from kernels.multiply import butterfly_multiply, route
 from kernels.reference import log2_exact
 
 
@@ -105,12 +110,26 @@ def _bp_level_composite(mat: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> 
     return torch.lerp(y, ye, pc[..., 0, None, None])
 
 
+# Relaxed levels (bp_level, column_levels) through the compiled kernels of kernels/cpu/columns.py
+# where they fit (CPU, a compiler): measured faster than either torch path at every size. False
+# keeps the torch paths below, which are also the reference the tests compare against.
+COMPILED = True
+
+
+def compiled_levels(device: torch.device) -> bool:
+    """Whether relaxed levels on `device` run compiled (COMPILED, the CPU, the library): the
+    size thresholds here and in kernels/butterfly.py were measured for each case."""
+    return COMPILED and device.type == "cpu" and columns.available()
+
+
 def bp_level(mat: torch.Tensor, t: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
     """BF_{2s} (I_2 (x) mat) Q_{2s}: mat (..., s, s), t (..., s, 2, 2), p (..., 3) or None."""
     lead, s = mat.shape[:-2], mat.shape[-1]
     if p is None:
         y = t.transpose(-3, -2).unsqueeze(-1) * mat.unsqueeze(-2).unsqueeze(-4)
         return y.reshape(*lead, 2 * s, 2 * s)
+    if COMPILED and columns.bp_level_fit(mat, t, p):
+        return columns.bp_level(mat, t, p)
     if 4 * mat.numel() < FUSED_MIN_ENTRIES:
         return _bp_level_composite(mat, t, p)
     return _BPLevel.apply(mat, t, p)
@@ -123,7 +142,15 @@ def _level_probs(probs: torch.Tensor, level: int) -> torch.Tensor:
 
 # Up to this n the matrix is built from dense pieces: B as a product of gathered twiddle
 # entries and P as a chain of n x n level matrices (few large ops instead of many small ones).
-SMALL_N = 64
+# 32 with the compiled levels: measured faster than 64 for bp / bpp / bpbp at n = 32 .. 1024
+# (bpbp n = 256: 5.0 vs 5.6 ms per step; batched x8 at n = 64: 4.6 vs 11.3 ms); 64 without.
+SMALL_N = 32
+SMALL_N_TORCH = 64
+
+
+def small_n(device: torch.device) -> int:
+    """SMALL_N, or SMALL_N_TORCH where the relaxed levels do not run compiled."""
+    return SMALL_N if compiled_levels(device) else SMALL_N_TORCH
 
 
 @lru_cache(maxsize=16)
@@ -195,14 +222,15 @@ def tied_bp_matrix(twiddle: torch.Tensor, probs: torch.Tensor | None) -> torch.T
     """
     n = twiddle.shape[-3] + 1
     m = log2_exact(n)
-    if n <= SMALL_N:
+    small = small_n(twiddle.device)
+    if n <= small:
         mat = dense_butterfly(twiddle)
         if probs is None or n < 4:  # no permutation levels below size 4
             return mat
         return mat @ dense_permutation(probs, n).to(mat.dtype)
-    mb = log2_exact(SMALL_N) if SMALL_N >= 2 else 1
+    mb = log2_exact(small) if small >= 2 else 1
     sub = None if probs is None else (probs[..., m - mb :, :] if probs.shape[-2] > 1 else probs)
-    mat = tied_bp_matrix(twiddle[..., : (1 << mb) - 1, :, :], sub)  # M_b, b = SMALL_N
+    mat = tied_bp_matrix(twiddle[..., : (1 << mb) - 1, :, :], sub)  # M_b, b = small
     for level in range(mb, m):
         s = 1 << level  # the new factor has size 2s
         p = None if probs is None else _level_probs(probs, m - level - 1)
@@ -250,16 +278,30 @@ def column_level(x: torch.Tensor, p: torch.Tensor, k: int) -> torch.Tensor:
     return _ColumnLevel.apply(xv, p).reshape(x.shape)
 
 
+def column_levels(x: torch.Tensor, probs: torch.Tensor, levels: list[int]) -> torch.Tensor:
+    """x (I (x) Q_{k_0}) (I (x) Q_{k_1}) ... for x (..., rows, n), k_j = n >> levels[j], and
+    probs (..., levels or 1, 3): one compiled pass (kernels/cpu/columns.py) where it fits, else
+    column_level level by level (the reference)."""
+    n = x.shape[-1]
+    if probs.shape[-2] > 1:
+        p = probs[..., levels, :]
+    else:
+        p = probs.expand(*probs.shape[:-2], len(levels), 3)
+    if COMPILED and columns.columns_fit(x, p):
+        return columns.relaxed_columns(x, p, tuple(n >> level for level in levels))
+    for j, level in enumerate(levels):
+        x = column_level(x, p[..., j, :], n >> level)
+    return x
+
+
 def permute_columns(x: torch.Tensor, probs: torch.Tensor, top_only: bool = False) -> torch.Tensor:
     """x P for x (..., rows, n) and a relaxed permutation's probs (..., levels or 1, 3)."""
     n = x.shape[-1]
     m = log2_exact(n)
-    if n <= SMALL_N:
+    if n <= small_n(x.device):
         return x @ dense_permutation(probs, n, top_only).to(x.dtype)
-    levels = [0] if top_only else range(m - 2, -1, -1)  # A P applies Q_4 first, Q_n last
-    for level in levels:
-        x = column_level(x, _level_probs(probs, level), n >> level)
-    return x
+    # A P applies Q_4 first, Q_n last
+    return column_levels(x, probs, [0] if top_only else list(range(m - 2, -1, -1)))
 
 
 def gather_columns(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -270,15 +312,22 @@ def gather_columns(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 
 def right_butterfly(x: torch.Tensor, twiddle: torch.Tensor, skip: int = 0) -> torch.Tensor:
     """x B for x (..., rows, n) and a tied twiddle (..., n-1, 2, 2), leaving out B's `skip`
-    lowest levels (strides 1 .. 2**(skip-1)). Rows go through butterfly_multiply as B^T x."""
+    lowest levels (strides 1 .. 2**(skip-1)). Rows go through butterfly_multiply as B^T x; on
+    its compiled training path the kernel skips those levels, elsewhere their twiddles are I."""
     n = x.shape[-1]
     tw = twiddle.transpose(-1, -2)  # x B = (B^T x^T)^T; B^T applies the size-n factor first
+    lead = twiddle.shape[:-3]
+    tws, xs = tw.reshape(-1, 1, n - 1, 2, 2), x.reshape(-1, *x.shape[-2:])
+    if skip and route(tws[0], xs[0]) == "cpu-tiled":  # the kernel leaves those levels out
+        if not lead:
+            return butterfly_multiply_tiled(tws[0], x, False, skip)
+        rows = [butterfly_multiply_tiled(t, xt, False, skip) for t, xt in zip(tws, xs, strict=True)]
+        return torch.stack(rows).reshape(x.shape)
     if skip:
         eye = torch.eye(2, dtype=tw.dtype, device=tw.device).expand(
             *tw.shape[:-3], (1 << skip) - 1, 2, 2
         )
         tw = torch.cat([eye, tw[..., (1 << skip) - 1 :, :, :]], dim=-3)
-    lead = twiddle.shape[:-3]
     if not lead:
         return butterfly_multiply(tw.unsqueeze(0), x, False)
     rows = [
@@ -288,14 +337,27 @@ def right_butterfly(x: torch.Tensor, twiddle: torch.Tensor, skip: int = 0) -> to
     return torch.stack(rows).reshape(x.shape)
 
 
+def real_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Re(a @ b) for a (..., r, k), b (..., k, c), as one real matmul when a is complex:
+    Re(a b) = [Re a, Im a] [Re b; -Im b], a's (re, im) pairs read in place (half the flops)."""
+    if not a.is_complex():
+        return a @ (b.real if b.is_complex() else b)
+    if not b.is_complex():
+        return a.real @ b
+    ar = torch.view_as_real(a.resolve_conj().resolve_neg().contiguous()).flatten(-2)
+    return ar @ torch.stack([b.real, -b.imag], dim=-2).flatten(-3, -2)
+
+
 def times_bp(
-    k: torch.Tensor, twiddle: torch.Tensor, probs: torch.Tensor, block: int
+    k: torch.Tensor, twiddle: torch.Tensor, probs: torch.Tensor, block: int, real: bool = False
 ) -> torch.Tensor:
     """K B P for K (..., rows, n), B P of tied twiddle (..., n-1, 2, 2) and relaxed probs.
 
     B P = B_top (I (x) B_b P_b) Q_2b ... Q_n (b = block): the top butterfly levels through
     butterfly_multiply, the b x b matrix B_b P_b (tied_bp_matrix) as one matmul on column
     blocks, then the permutation's levels of size 2b .. n as column ops: O(rows n (log(n/b) + b)).
+    real: return Re(K B P) only; P's levels have real weights, so the real part is taken at the
+    matmul (real_matmul) and the column levels run on a real matrix.
     """
     n = k.shape[-1]
     m, mb = log2_exact(n), log2_exact(block)
@@ -303,7 +365,6 @@ def times_bp(
     sub = probs[..., m - mb :, :] if probs.shape[-2] > 1 else probs
     nb = tied_bp_matrix(twiddle[..., : block - 1, :, :], sub)  # (..., b, b)
     lead = twiddle.shape[:-3]
-    x = (x.reshape(*lead, -1, block) @ nb).reshape(k.shape)
-    for level in range(m - mb - 1, -1, -1):
-        x = column_level(x, _level_probs(probs, level), n >> level)
-    return x
+    x = x.reshape(*lead, -1, block)
+    x = (real_matmul(x, nb) if real else x @ nb).reshape(k.shape)
+    return column_levels(x, probs, list(range(m - mb - 1, -1, -1)))

@@ -160,10 +160,16 @@ def tied_bp_matrix(twiddle: torch.Tensor, probs: torch.Tensor | None) -> torch.T
 
 
 # bpbp joins its two blocks by a dense product up to this n, above it by pushing the rows of
-# B2 P2 through B1 and P1 (kernels/bp_matrix.times_bp): on the 2-core CPU the two tie at
-# n = 512 and the push is clearly faster at 1024, the dense product at 256 and below
-BPBP_DENSE_MAX_N = 256
-BPBP_PUSH_BLOCK = 64  # B1's levels below this size join as one dense b x b block
+# B2 P2 through B1 and P1 (kernels/bp_matrix.times_bp). Measured on the 2-core CPU with the
+# compiled column kernels (kernels/cpu/columns.py), one Adam step: the two tie at n = 128
+# unbatched (the push wins batched), the push is faster from 256 (5.0 vs 6.4 ms) on.
+BPBP_DENSE_MAX_N = 128
+BPBP_PUSH_BLOCK = 16  # B1's levels below this size join as one dense b x b block (16 ~ 32 > 64)
+# the same where the relaxed levels do not run compiled (bp_matrix.compiled_levels): the values
+# from before the compiled levels (on a CPU without a compiler the dense product measured faster
+# still at n = 1024: 178 vs 358 ms)
+BPBP_DENSE_MAX_N_TORCH = 256
+BPBP_PUSH_BLOCK_TORCH = 64
 
 
 class StackedTwiddle(nn.Module):
@@ -311,7 +317,7 @@ class ButterflyStack(nn.Module):
         if not self.config["tied"]:
             eye = torch.eye(self.n, dtype=self.butterflies[0].twiddle.dtype)
             return self.forward(eye).transpose(0, 1)
-        return self._out(self._tied_matrix())
+        return self._out(self._tied_matrix(real=self.real_output))
 
     @staticmethod
     def _columns(x: torch.Tensor, perm: Permutation) -> torch.Tensor:
@@ -327,21 +333,24 @@ class ButterflyStack(nn.Module):
             return bp_matrix.gather_columns(tied_bp_matrix(twiddle, None), perm.column_order())
         return tied_bp_matrix(twiddle, perm.probs())
 
-    def _tied_matrix(self) -> torch.Tensor:
+    def _tied_matrix(self, real: bool = False) -> torch.Tensor:
+        """M, or (real) at least Re(M) where its last steps are real-linear: the joins and P'
+        then run on real matrices (possibly still complex: callers take .real)."""
         mat = self._block(0)
         if len(self.perms) == 2:  # B2 P2 (B1 P1)
-            if self.n <= BPBP_DENSE_MAX_N:
-                mat = self._block(1) @ mat
+            compiled = bp_matrix.compiled_levels(mat.device)
+            if self.n <= (BPBP_DENSE_MAX_N if compiled else BPBP_DENSE_MAX_N_TORCH):
+                mat = bp_matrix.real_matmul(self._block(1), mat) if real else self._block(1) @ mat
             else:
                 twiddle, perm = self.butterflies[0].twiddle_tensor()[..., 0, :, :, :], self.perms[0]
                 if bool(perm.hard):
                     mat = bp_matrix.right_butterfly(self._block(1), twiddle)
-                    mat = bp_matrix.gather_columns(mat, perm.column_order())
+                    mat = bp_matrix.gather_columns(mat.real if real else mat, perm.column_order())
                 else:
-                    block = min(BPBP_PUSH_BLOCK, self.n)
-                    mat = bp_matrix.times_bp(self._block(1), twiddle, perm.probs(), block)
+                    block = min(BPBP_PUSH_BLOCK if compiled else BPBP_PUSH_BLOCK_TORCH, self.n)
+                    mat = bp_matrix.times_bp(self._block(1), twiddle, perm.probs(), block, real)
         if self.extra_perm is not None:
-            mat = self._columns(mat, self.extra_perm)
+            mat = self._columns(mat.real if real and mat.is_complex() else mat, self.extra_perm)
         return mat
 
 

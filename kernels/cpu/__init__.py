@@ -3,8 +3,9 @@
 Modules: this one (the real row loop for inference, CPUButterfly), tiled.py (compiled
 forward and backward for training, real and complex, an autograd Function), complex_rows.py
 (the complex row loop for inference at small batch), permute.py (relaxed permutations at
-inference), compiled.py (build and bind the C of csource*.py), bench.py (the timing table).
-kernels/multiply.py chooses between them.
+inference), columns.py (relaxed permutation levels on a matrix's columns with autograd, for
+kernels/bp_matrix.py), compiled.py (build and bind the C of csource*.py), bench.py (the timing
+table). kernels/multiply.py chooses between them.
 
 y = B x (and BP's y = B P x) for real float32/float64 inputs, one thread. x is copied (or, for
 BP, gathered through P) once into the output buffer, then every level of every block runs in

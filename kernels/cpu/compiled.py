@@ -74,6 +74,10 @@ class Library:
     mix: dict[torch.dtype, Callable[..., None]]
     crow: dict[torch.dtype, Callable[..., None]]
     tl_mix: dict[torch.dtype, Callable[..., None]]
+    cl_forward: dict[torch.dtype, Callable[..., None]]
+    cl_backward: dict[torch.dtype, Callable[..., None]]
+    bpl_forward: dict[torch.dtype, Callable[..., None]]
+    bpl_backward: dict[torch.dtype, Callable[..., None]]
 
 
 def cache_dir() -> Path:
@@ -162,7 +166,7 @@ def _bind(path: Path, flags: tuple[str, ...]) -> Library:
     if version != ABI_VERSION:
         raise BuildError(f"{path} has ABI {version}, expected {ABI_VERSION}")
     bfly, bfly_argv, fwht, tl_fwd, tl_bwd, tl_rows = {}, {}, {}, {}, {}, {}
-    mix, crow, tl_mix = {}, {}, {}
+    mix, crow, tl_mix, cl_fwd, cl_bwd, bpl_fwd, bpl_bwd = {}, {}, {}, {}, {}, {}, {}
     for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64")):
         f = getattr(cdll, f"bfly_{sfx}")
         f.argtypes, f.restype = _BFLY_ARGS, None
@@ -177,7 +181,8 @@ def _bind(path: Path, flags: tuple[str, ...]) -> Library:
         fwht[dtype] = h
         tables = (
             ("tl_forward", tl_fwd), ("tl_backward", tl_bwd), ("mix", mix), ("crow", crow),
-            ("tl_mix", tl_mix),
+            ("tl_mix", tl_mix), ("cl_forward", cl_fwd), ("cl_backward", cl_bwd),
+            ("bpl_forward", bpl_fwd), ("bpl_backward", bpl_bwd),
         )  # fmt: skip
         for name, table in tables:
             fn = getattr(cdll, f"{name}_{sfx}")
@@ -187,8 +192,9 @@ def _bind(path: Path, flags: tuple[str, ...]) -> Library:
         rows.restype = ctypes.c_int64
         tl_rows[dtype] = int(rows())
     lib = Library(
-        path, flags, cdll, bfly, bfly_argv, fwht, tl_fwd, tl_bwd, tl_rows, mix, crow, tl_mix
-    )
+        path, flags, cdll, bfly, bfly_argv, fwht, tl_fwd, tl_bwd, tl_rows, mix, crow, tl_mix,
+        cl_fwd, cl_bwd, bpl_fwd, bpl_bwd,
+    )  # fmt: skip
     _self_check(lib)
     return lib
 

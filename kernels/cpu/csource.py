@@ -19,17 +19,19 @@ Design (one thread, as in the paper's speed figure):
 - fwht_*: the same in-place loop with the 2x2 matrix [[1, 1], [1, -1]] and no twiddle.
 - tl_forward_* / tl_backward_*: the tiled training kernels of csource_tiled.py (real and
   complex, forward and backward); mix_*: relaxed permutations at inference (csource_mix.py);
-  crow_*: the complex row loop for inference at small batch (csource_crows.py).
+  crow_*: the complex row loop for inference at small batch (csource_crows.py); cl_*: relaxed
+  permutation levels on a matrix's columns, forward and backward (csource_cols.py).
 No -ffast-math (see compiled.py): every product and sum is rounded as written.
 """
 
 from __future__ import annotations
 
+from kernels.cpu.csource_cols import COLS_BODY
 from kernels.cpu.csource_crows import CROWS_BODY
 from kernels.cpu.csource_mix import MIX_BODY
 from kernels.cpu.csource_tiled import HSUM4, HSUM8, TILED_BODY
 
-ABI_VERSION = 10
+ABI_VERSION = 11
 
 _HEADER = r"""
 #include <stdint.h>
@@ -184,7 +186,7 @@ def c_source() -> str:
     """The full C translation unit: header plus the bodies for float and for double."""
     parts = [_HEADER % {"abi": ABI_VERSION}]
     for ctype, suffix in (("float", "_f32"), ("double", "_f64")):
-        for body in (_BODY, TILED_BODY, MIX_BODY, CROWS_BODY):
+        for body in (_BODY, TILED_BODY, MIX_BODY, CROWS_BODY, COLS_BODY):
             body = body.replace("HSUM8_IMPL", HSUM8[ctype]).replace("HSUM4_IMPL", HSUM4[ctype])
             parts.append(body.replace("real_t", ctype).replace("_SFX", suffix))
     return "".join(parts)

@@ -318,9 +318,25 @@ static int64_t tl_level_SFX(int64_t k, int64_t n, int64_t m, int tied, int incre
     return s;
 }
 
+/* Whether level k is left out: each block's levels of stride below 2**skip are the identity. */
+static int tl_skipped_SFX(int64_t k, int64_t m, int increasing, int64_t skip)
+{
+    const int64_t li = k % m;
+    return (increasing ? li : m - 1 - li) < skip;
+}
+
+/* The tile buffer that holds level k's input: one past the last level before k that runs. */
+static int64_t tl_in_slot_SFX(int64_t k, int64_t m, int increasing, int64_t skip)
+{
+    for (int64_t j = k - 1; j >= 0; j--)
+        if (!tl_skipped_SFX(j, m, increasing, skip)) return j + 1;
+    return 0;
+}
+
 /* y = B x for a batch, tile by tile. save (NULL or ceil(batch / TR) * L tile buffers): the
-   input of every level, for the backward. a: xr, xi, xs0, xs1, yr, yi, ys0, ys1, batch, n,
-   tw, nblocks, tied, increasing, cplx, save, scratch (one tile buffer). */
+   input of every level that runs (level k's at slot tl_in_slot_*(k)), for the backward.
+   a: xr, xi, xs0, xs1, yr, yi, ys0, ys1, batch, n, tw, nblocks, tied, increasing, cplx, save,
+   scratch (one tile buffer), skip (levels of stride < 2**skip left out: 0 for all levels). */
 void tl_forward_SFX(const int64_t *a)
 {
     const real_t *xr = (const real_t *)(intptr_t)a[0], *xi = (const real_t *)(intptr_t)a[1];
@@ -330,12 +346,14 @@ void tl_forward_SFX(const int64_t *a)
     const int64_t nblocks = a[11];
     const int tied = (int)a[12], inc = (int)a[13], cplx = (int)a[14];
     real_t *save = (real_t *)(intptr_t)a[15], *work = (real_t *)(intptr_t)a[16];
+    const int64_t skip = a[17];
     const int64_t R = TR_SFX, m = ilog2(n), L = nblocks * m, lvl = n * R * (cplx ? 2 : 1);
     for (int64_t t = 0, r0 = 0; r0 < batch; t++, r0 += R) {
         const int64_t rows = batch - r0 < R ? batch - r0 : R;
         real_t *base = save ? save + t * L * lvl : work, *cur = base;
         tl_load_SFX(xr, xi, xs0, xs1, r0, rows, n, cplx, base);
         for (int64_t k = 0; k < L; k++) {
+            if (tl_skipped_SFX(k, m, inc, skip)) continue;
             int64_t off;
             const int64_t s = tl_level_SFX(k, n, m, tied, inc, cplx, &off);
             real_t *dst = save ? (k + 1 < L ? base + (k + 1) * lvl : work) : work;
@@ -350,7 +368,8 @@ void tl_forward_SFX(const int64_t *a)
 /* Gradients of y = B x: gx = B^H g (stored if gxr), gtw (double, twiddle layout) += the
    twiddle gradient (if not NULL). Level inputs from save, or recomputed per tile into
    scratch (L tile buffers) when save is NULL. a: xr, xi, xs0, xs1, gr, gi, gs0, gs1, gxr, gxi,
-   gxs0, gxs1, gtw, batch, n, tw, nblocks, tied, increasing, cplx, save, scratch, gwork. */
+   gxs0, gxs1, gtw, batch, n, tw, nblocks, tied, increasing, cplx, save, scratch, gwork, skip
+   (as in tl_forward_*: the left-out levels pass the gradient through, their twiddles get 0). */
 void tl_backward_SFX(const int64_t *a)
 {
     const real_t *xr = (const real_t *)(intptr_t)a[0], *xi = (const real_t *)(intptr_t)a[1];
@@ -364,25 +383,31 @@ void tl_backward_SFX(const int64_t *a)
     const int tied = (int)a[17], inc = (int)a[18], cplx = (int)a[19];
     const real_t *save = (const real_t *)(intptr_t)a[20];
     real_t *scratch = (real_t *)(intptr_t)a[21], *gw = (real_t *)(intptr_t)a[22];
+    const int64_t skip = a[23];
     const int64_t R = TR_SFX, m = ilog2(n), L = nblocks * m, lvl = n * R * (cplx ? 2 : 1);
     for (int64_t t = 0, r0 = 0; r0 < batch; t++, r0 += R) {
         const int64_t rows = batch - r0 < R ? batch - r0 : R;
         const real_t *base = save ? save + t * L * lvl : scratch;
         if (!save) { /* recompute the level inputs of this tile */
             tl_load_SFX(xr, xi, xs0, xs1, r0, rows, n, cplx, scratch);
+            real_t *src = scratch;
             for (int64_t k = 0; k + 1 < L; k++) {
+                if (tl_skipped_SFX(k, m, inc, skip)) continue;
                 int64_t off;
                 const int64_t s = tl_level_SFX(k, n, m, tied, inc, cplx, &off);
-                real_t *src = scratch + k * lvl, *dst = src + lvl;
+                real_t *dst = scratch + (k + 1) * lvl;
                 if (cplx) tl_fwd_cplx_SFX(src, dst, n, s, tw + off, tied);
                 else tl_fwd_real_SFX(src, dst, n, s, tw + off, tied);
+                src = dst;
             }
         }
         tl_load_SFX(gr, gi, gs0, gs1, r0, rows, n, cplx, gw);
         for (int64_t k = L - 1; k >= 0; k--) {
+            if (tl_skipped_SFX(k, m, inc, skip)) continue;
             int64_t off;
             const int64_t s = tl_level_SFX(k, n, m, tied, inc, cplx, &off);
-            tl_bwd_SFX(base + k * lvl, gw, n, s, tw + off, tied, gtw ? gtw + off : NULL, cplx);
+            const real_t *in = base + tl_in_slot_SFX(k, m, inc, skip) * lvl;
+            tl_bwd_SFX(in, gw, n, s, tw + off, tied, gtw ? gtw + off : NULL, cplx);
         }
         if (gxr) tl_store_SFX(gw, n, cplx, r0, rows, gxr, gxi, gxs0, gxs1);
     }

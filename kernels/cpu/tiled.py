@@ -75,9 +75,10 @@ def _check(twiddle: torch.Tensor, x: torch.Tensor) -> tuple[bool, int, int, int]
 
 
 def _forward(
-    twiddle: torch.Tensor, x: torch.Tensor, increasing: bool, store: bool
+    twiddle: torch.Tensor, x: torch.Tensor, increasing: bool, store: bool, skip: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """y = B x through tl_forward_*; also the saved level inputs when store."""
+    """y = B x through tl_forward_*; also the saved level inputs when store. skip: each block's
+    levels of stride < 2**skip left out (their twiddles are not read)."""
     tied, nblocks, n, m = _check(twiddle, x)
     cplx = twiddle.is_complex()
     rdt = _REAL.get(twiddle.dtype, twiddle.dtype)
@@ -94,9 +95,10 @@ def _forward(
     if batch:
         xr, xi, xs0, xs1 = _parts(x)
         yr, yi, ys0, ys1 = _parts(y)
-        args = (ctypes.c_int64 * 17)(
+        args = (ctypes.c_int64 * 18)(
             xr, xi, xs0, xs1, yr, yi, ys0, ys1, batch, n, twiddle.data_ptr(), nblocks,
             tied, increasing, cplx, 0 if save is None else save.data_ptr(), work.data_ptr(),
+            skip,
         )  # fmt: skip
         lib.tl_forward[rdt](args)
     return y, save
@@ -110,8 +112,10 @@ def _backward(
     save: torch.Tensor | None,
     need_tw: bool,
     need_x: bool,
+    skip: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(grad twiddle, grad x) through tl_backward_*; None for the ones not needed."""
+    """(grad twiddle, grad x) through tl_backward_*; None for the ones not needed. The left-out
+    levels (skip, as in _forward) get a zero twiddle gradient."""
     tied, nblocks, n, m = _check(twiddle, x)
     cplx = twiddle.is_complex()
     rdt = _REAL.get(twiddle.dtype, twiddle.dtype)
@@ -130,11 +134,11 @@ def _backward(
         xr, xi, xs0, xs1 = _parts(x)
         gr, gi, gs0, gs1 = _parts(gy)
         gxr, gxi, gxs0, gxs1 = _parts(gx)
-        args = (ctypes.c_int64 * 23)(
+        args = (ctypes.c_int64 * 24)(
             xr, xi, xs0, xs1, gr, gi, gs0, gs1, gxr, gxi, gxs0, gxs1,
             0 if gacc is None else gacc.data_ptr(), batch, n, twiddle.data_ptr(), nblocks,
             tied, increasing, cplx, 0 if save is None else save.data_ptr(),
-            scratch.data_ptr(), gwork.data_ptr(),
+            scratch.data_ptr(), gwork.data_ptr(), skip,
         )  # fmt: skip
         lib.tl_backward[rdt](args)
     gtw = None
@@ -148,10 +152,12 @@ class TiledButterfly(torch.autograd.Function):
     """y = B x with the compiled forward and backward (first derivatives only)."""
 
     @staticmethod
-    def forward(ctx, twiddle: torch.Tensor, x: torch.Tensor, increasing: bool) -> torch.Tensor:
-        y, save = _forward(twiddle, x, increasing, STORE_LEVELS)
+    def forward(
+        ctx, twiddle: torch.Tensor, x: torch.Tensor, increasing: bool, skip: int = 0
+    ) -> torch.Tensor:
+        y, save = _forward(twiddle, x, increasing, STORE_LEVELS, skip)
         ctx.save_for_backward(twiddle, x)
-        ctx.increasing, ctx.levels = increasing, save
+        ctx.increasing, ctx.levels, ctx.skip = increasing, save, skip
         return y
 
     @staticmethod
@@ -159,19 +165,20 @@ class TiledButterfly(torch.autograd.Function):
     def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         twiddle, x = ctx.saved_tensors
         need_tw, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gtw, gx = _backward(twiddle, x, gy, ctx.increasing, ctx.levels, need_tw, need_x)
+        gtw, gx = _backward(twiddle, x, gy, ctx.increasing, ctx.levels, need_tw, need_x, ctx.skip)
         ctx.levels = None
-        return gtw, gx, None
+        return (gtw, gx) + (None,) * (len(ctx.needs_input_grad) - 2)  # increasing[, skip]
 
 
 def butterfly_multiply_tiled(
-    twiddle: torch.Tensor, x: torch.Tensor, increasing_stride: bool = True
+    twiddle: torch.Tensor, x: torch.Tensor, increasing_stride: bool = True, skip: int = 0
 ) -> torch.Tensor:
     """y = B x (reference semantics) with the compiled kernels; autograd when needed.
 
-    The caller checks `tiled_dtype(twiddle, x)` first.
+    skip > 0 leaves out each block's levels of stride < 2**skip (as if their twiddles were the
+    identity). The caller checks `tiled_dtype(twiddle, x)` first.
     """
     tw, x = _prepare(twiddle, x)
     if torch.is_grad_enabled() and (tw.requires_grad or x.requires_grad):
-        return TiledButterfly.apply(tw, x, increasing_stride)
-    return _forward(tw, x, increasing_stride, False)[0]
+        return TiledButterfly.apply(tw, x, increasing_stride, skip)
+    return _forward(tw, x, increasing_stride, False, skip)[0]

@@ -31,16 +31,30 @@ def _grads(stack: ButterflyStack, mat: torch.Tensor, r: torch.Tensor) -> list[to
     return list(torch.autograd.grad(loss, params))
 
 
-@pytest.fixture(params=["small", "fused", "composite"])
+@pytest.fixture(params=["small", "fused", "composite", "compiled"])
 def level_path(request, monkeypatch) -> str:
-    """Force the dense small-n pieces, or every relaxed BP level through the autograd Function
-    or through the plain-ops variant."""
-    small, fused = {"small": (1 << 20, 0), "fused": (2, 0), "composite": (2, 1 << 60)}[
-        request.param
-    ]
+    """Force the dense small-n pieces, or every relaxed level through the torch autograd
+    Function, through the plain-ops variant, or through the compiled kernels where available
+    (kernels/cpu/columns.py)."""
+    small, fused, compiled = {
+        "small": (1 << 20, 0, False),
+        "fused": (2, 0, False),
+        "composite": (2, 1 << 60, False),
+        "compiled": (2, 0, True),
+    }[request.param]
     monkeypatch.setattr(bp_matrix, "SMALL_N", small)
+    monkeypatch.setattr(bp_matrix, "SMALL_N_TORCH", small)
     monkeypatch.setattr(bp_matrix, "FUSED_MIN_ENTRIES", fused)
+    monkeypatch.setattr(bp_matrix, "COMPILED", compiled)
     return request.param
+
+
+def _join(monkeypatch, push: bool, block: int) -> None:
+    """Join bpbp's blocks by the push (with this block) or the dense product, at every n, with
+    or without the compiled levels."""
+    for suffix in ("", "_TORCH"):
+        monkeypatch.setattr(butterfly, "BPBP_DENSE_MAX_N" + suffix, 2 if push else 1 << 20)
+        monkeypatch.setattr(butterfly, "BPBP_PUSH_BLOCK" + suffix, block)
 
 
 def test_butterfly_and_permutation_match_the_oracle(level_path) -> None:
@@ -79,8 +93,7 @@ def test_matrix_is_forward_on_identity(
     """Values and every parameter's gradient, relaxed, then with some and all P rounded."""
     if push and model != "bpbp":
         pytest.skip("push only joins the blocks of bpbp")
-    monkeypatch.setattr(butterfly, "BPBP_DENSE_MAX_N", 2 if push else 1 << 20)
-    monkeypatch.setattr(butterfly, "BPBP_PUSH_BLOCK", 4)  # push: 3 levels of each kind at n=32
+    _join(monkeypatch, push, 4)  # push: 3 levels of each kind at n=32
     g = _gen()
     stack = ButterflyStack(
         n, model, share_logits=share, real_output=real_output, extra_perm=extra_perm, generator=g
@@ -222,8 +235,7 @@ def test_batched_values_and_gradients_are_per_trial(
     model, extra_perm, share, push, level_path, monkeypatch
 ) -> None:
     """float64: matrix()[t] and the gradients of a summed per-trial loss equal trial t's own."""
-    monkeypatch.setattr(butterfly, "BPBP_DENSE_MAX_N", 2 if push else 1 << 20)
-    monkeypatch.setattr(butterfly, "BPBP_PUSH_BLOCK", 8)
+    _join(monkeypatch, push, 8)
     kw = dict(share_logits=share, extra_perm=extra_perm, real_output=model == "bpp")
     batched = ButterflyStack(32, model, trials=3, generator=[_gen() for _ in range(3)], **kw)
     batched = batched.double()
