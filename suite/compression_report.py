@@ -115,6 +115,21 @@ def best_profile(df: pd.DataFrame) -> str:
     return max(ok, key=lambda p: PROFILE_RANK.get(p, 0)) if ok else ""
 
 
+def profile_rows(df: pd.DataFrame, profile: str | None = None) -> pd.DataFrame:
+    """The rows of `profile` (default: best_profile, else the whole table)."""
+    if "profile" not in df:
+        return df
+    profile = profile or best_profile(df)
+    return df[df.profile == profile] if profile else df
+
+
+def profiles(df: pd.DataFrame) -> list[str]:
+    """The profiles in the table, best first."""
+    if "profile" not in df:
+        return [""]
+    return sorted({str(p) for p in df.profile}, key=lambda p: -PROFILE_RANK.get(p, 0))
+
+
 def paired_gap(bfly: pd.DataFrame, dense: pd.DataFrame) -> dict[str, Any]:
     """Mean over shared seeds of (butterfly - dense) test accuracy, its sd and 95% t-interval
     (None below two seeds)."""
@@ -207,7 +222,9 @@ def gap_text(h: dict[str, Any]) -> str:
 
 
 def figure(df: pd.DataFrame, path: Path) -> None:
-    """Test accuracy against hidden-layer parameters (paper's points overlaid) and latency."""
+    """Test accuracy against hidden-layer parameters (paper's points overlaid) and latency,
+    for the best profile present."""
+    df = profile_rows(df)
     s = summary(df)
     s["family"] = s.method.map(family)
     sns.set_theme(style="whitegrid", context="notebook")
@@ -300,8 +317,52 @@ def _epochs(r: pd.Series) -> str:
     return f"{r.best_epoch:.0f}/{r.epochs:.0f}{mark}"
 
 
+def side_by_side(df: pd.DataFrame) -> list[str]:
+    """Test accuracy per method and profile beside the paper's (mean ± sd over seeds)."""
+    names = profiles(df)
+    tables = {p: summary(profile_rows(df, p)).set_index("method") for p in names}
+    head = " | ".join(f"{p} profile test %" for p in names)
+    lines = [
+        f"| method | paper test % | {head} |",
+        "|---|---:|" + "---:|" * len(names),
+    ]
+    for method in dict.fromkeys(df.method):
+        pr = paper.compression_row_for(method)
+        cells = []
+        for p in names:
+            t = tables[p]
+            if method not in t.index:
+                cells.append("")
+                continue
+            r = t.loc[method]
+            sd = "" if math.isnan(r.test_std) else f" ± {r.test_std:.2f}"
+            cells.append(f"{r.test_mean:.2f}{sd} ({int(r.seeds)})")
+        lines.append(
+            f"| {method} | {_fmt(pr.accuracy if pr else math.nan, '.2f')} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
+
+
 def markdown(df: pd.DataFrame) -> str:
-    """The measured table beside the paper's, then the headline claim with its verdict."""
+    """One table per profile (best first; several: a side-by-side accuracy table first), then
+    the headline claim on the best profile with its verdict."""
+    names = profiles(df)
+    lines: list[str] = []
+    if len(names) > 1:
+        lines += ["Test accuracy by profile (seeds in parentheses):", ""]
+        lines += side_by_side(df) + [""]
+    for p in names:
+        if len(names) > 1:
+            lines += [f"Profile `{p}`:", ""]
+        lines += profile_table(profile_rows(df, p)) + [""]
+    lines += _headline_lines(df)
+    return "\n".join(lines) + "\n"
+
+
+def profile_table(df: pd.DataFrame) -> list[str]:
+    """The measured table of one profile's rows beside the paper's numbers, and its notes."""
     s = summary(df)
     dense_ms = s.loc[s.method == "dense", "hidden_b1_ms"]
     dense_ms = float(dense_ms.iloc[0]) if len(dense_ms) else math.nan
@@ -324,8 +385,7 @@ def markdown(df: pd.DataFrame) -> str:
             f"| {r.hidden_b1_ms:.3f} | {r.hidden_b256_ms:.2f} | {r.net_b1_ms:.3f} "
             f"| {_fmt(dense_ms / r.hidden_b1_ms, '.2f')} | {_epochs(r)} | {r.stops} |"
         )
-    h = headline(df)
-    lines += [
+    return lines + [
         "",
         "Early stopping on validation accuracy ends every run (`patience`); the epoch and time "
         "caps only guard against runaways. best/epochs: mean over seeds of the best-validation "
@@ -334,8 +394,12 @@ def markdown(df: pd.DataFrame) -> str:
         "lr column is the learning rate the validation search chose per method.",
         f"Latency: {_threads(df)}; data: {df.data_source.iloc[0]} "
         f"(sha256 {str(df.data_sha256.iloc[0])[:12]}).",
-        "",
     ]
+
+
+def _headline_lines(df: pd.DataFrame) -> list[str]:
+    h = headline(df)
+    lines = []
     if "gap_points" in h:
         lines.append(
             f"Claim (abstract): the best butterfly beats unconstrained by {PAPER_GAP} points with "
@@ -348,7 +412,7 @@ def markdown(df: pd.DataFrame) -> str:
             f"whole net {h['net_speedup_b1']}X / {h['net_speedup_b256']}X. "
             f"Verdict on the gap: {h['gap_verdict']}."
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def verdict(measured: float, published: float, tolerance: float = 1.0) -> str:

@@ -183,20 +183,42 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def collect(runs: Path, methods: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The rows and curves of the configured methods; a missing method is an error."""
+    """The rows and curves of the configured methods; a missing method is an error.
+
+    Curves get their run's profile (from the method's rows).
+    """
     rows, curves = [], []
     for method in methods:
         folder = runs / method
-        rows.append(results.read_table(folder / "rows.csv", results.COMPRESSION_COLUMNS))
-        curves.append(results.read_table(folder / "curves.csv", CURVE_COLUMNS))
+        r = results.read_table(folder / "rows.csv", results.COMPRESSION_COLUMNS)
+        c = results.read_table(folder / "curves.csv", CURVE_COLUMNS)
+        rows.append(r)
+        curves.append(c.assign(profile=r.profile.iloc[0]))
     return pd.concat(rows, ignore_index=True), pd.concat(curves, ignore_index=True)
+
+
+def keep_other_profiles(new: pd.DataFrame, path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    """`new` plus the rows of the other profiles already in the table at `path`.
+
+    The quick and the paper profile write one table (DVC `persist`): a run replaces the rows
+    of its own profile and keeps the others', so both stay side by side.
+    """
+    if not path.is_file():
+        return new
+    old = results.read_table(path, required)
+    if "profile" not in old:
+        return new
+    others = old[~old.profile.isin(set(new.profile))]
+    return pd.concat([others, new], ignore_index=True) if len(others) else new
 
 
 def cmd_compress_report(args: argparse.Namespace) -> int:
     profile, p = compress_params(args.params, args.profile)
     df, curves = collect(Path(args.runs), p.methods)
+    df = keep_other_profiles(df, Path(args.table), results.COMPRESSION_COLUMNS)
+    curves = keep_other_profiles(curves, Path(args.curves), CURVE_COLUMNS)
     results.write_table(df, Path(args.table), results.COMPRESSION_COLUMNS)
-    results.write_table(curves, Path(args.curves), CURVE_COLUMNS)
+    results.write_table(curves, Path(args.curves), (*CURVE_COLUMNS, "profile"))
     compression_report.figure(df, Path(args.figure))
     results.atomic_write_text(Path(args.summary), compression_report.markdown(df))
     metrics = compression_report.headline(df)

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import copy
 import math
+import multiprocessing
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +58,8 @@ class CompressParams:
     min_delta: float = 0.0  # validation accuracy points a gain must exceed
     finetune_epochs: int = 10  # runaway guard of the fine-tune after a projection
     max_seconds: float | None = None  # runaway guard per training run (checked each epoch)
-    threads: int = 2
+    threads: int = 2  # torch threads of each training process
+    workers: int = 1  # training runs of one method at once, each in its own process
     latency_threads: int = 1
     latency_repeats: int = 50
 
@@ -73,7 +77,14 @@ class CompressParams:
             raise ValueError(f"min_delta must be >= 0, got {self.min_delta}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        for name in ("batch_size", "max_epochs", "patience", "threads", "latency_threads"):
+        for name in (
+            "batch_size",
+            "max_epochs",
+            "patience",
+            "threads",
+            "workers",
+            "latency_threads",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(lr <= 0 for lrs in (self.lrs, *self.method_lrs.values()) for lr in lrs):
@@ -351,28 +362,64 @@ def _flags(t: Trained, p: CompressParams) -> dict[str, Any]:
     }
 
 
+Job = tuple[float, int]  # (lr, seed) of one training run
+Fitted = tuple["HiddenNet", Trained, float | None]
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(f: Features, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["features"] = f
+
+
+def _worker_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _worker_fit(method: str, lr: float, seed: int, p: CompressParams) -> Fitted:
+    return _fit(method, _WORKER["features"], lr, seed, p, _worker_log)
+
+
+def _fit_jobs(method: str, f: Features, jobs: list[Job], p: CompressParams, log: Log) -> dict:
+    """_fit for every (lr, seed) job: in this process, or `workers` spawned processes at once.
+
+    Runs are independent and seeded, so the result does not depend on `workers`.
+    """
+    if p.workers == 1 or len(jobs) == 1:
+        return {job: _fit(method, f, *job, p, log) for job in jobs}
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    with ProcessPoolExecutor(
+        min(p.workers, len(jobs)),
+        mp_context=ctx,
+        initializer=_worker_init,
+        initargs=(f, p.threads),
+    ) as pool:
+        futures = {job: pool.submit(_worker_fit, method, *job, p) for job in jobs}
+        return {job: fut.result() for job, fut in futures.items()}
+
+
 def run_method(
     method: str, arrays: dict[str, np.ndarray], p: CompressParams, log: Log
 ) -> list[dict[str, Any]]:
     """Train `method` for every seed (after an lr search on validation if several lrs).
 
-    Returns one record per seed: accuracies, parameter counts, stop reason and cap flags,
+    The lr candidates train at once (`workers` processes), then the other seeds at the chosen
+    lr. Returns one record per seed: accuracies, parameter counts, stop reason and cap flags,
     latency, learning curve, the best-validation state dict ("state") and the net ("net").
     """
     torch.set_num_threads(p.threads)
     f = make_features(arrays, p)
     log(f"[compress] {method}: features {f.counts()}")
     first, lrs = p.seeds[0], p.lrs_for(method)
-    runs: dict[float, tuple[HiddenNet, Trained, float | None]] = {}
-    for lr in lrs:
-        runs[lr] = _fit(method, f, lr, first, p, log)
-    lr = max(lrs, key=lambda r: (runs[r][1].val_accuracy, -r))
-    search = " ".join(f"{r:g}:{runs[r][1].val_accuracy:.2f}" for r in lrs)
+    runs = _fit_jobs(method, f, [(lr, first) for lr in lrs], p, log)
+    lr = max(lrs, key=lambda r: (runs[(r, first)][1].val_accuracy, -r))
+    search = " ".join(f"{r:g}:{runs[(r, first)][1].val_accuracy:.2f}" for r in lrs)
     if len(lrs) > 1:
         log(f"[compress] {method}: lr search (val %) {search} -> {lr:g}")
+    runs.update(_fit_jobs(method, f, [(lr, s) for s in p.seeds if s != first], p, log))
     records = []
     for seed in p.seeds:
-        net, trained, projected = runs[lr] if seed == first else _fit(method, f, lr, seed, p, log)
+        net, trained, projected = runs[(lr, seed)]
         record: dict[str, Any] = {
             "method": method,
             "seed": seed,

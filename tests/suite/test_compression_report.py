@@ -118,3 +118,24 @@ def test_table_marks_caps_and_still_improving_runs() -> None:
     text = cr.markdown(df)
     assert "| 20/20** | epoch_cap |" in text and "| 15/20* | time_cap |" in text
     assert "| 12/20 | patience |" in text
+
+
+def test_both_profiles_side_by_side_and_the_headline_on_the_best(tmp_path) -> None:
+    from suite import results
+    from suite.stage_compress import keep_other_profiles
+
+    extra = dict(projected_val_accuracy=math.nan, n_train=1, n_val=1, n_test=1, run_id="r",
+                 env_id="e", commit="c")  # fmt: skip
+    quick = _rows({m: (t[:1], v[:1], ms) for m, (t, v, ms) in FINAL.items()}, "quick")
+    quick = quick.assign(**extra)
+    path = tmp_path / "compression.csv"
+    results.write_table(quick, path, results.COMPRESSION_COLUMNS)
+    paper_rows = _rows(FINAL, "paper").assign(**extra)
+    both = keep_other_profiles(paper_rows, path, results.COMPRESSION_COLUMNS)
+    assert sorted(both.groupby("profile").size().items()) == [("paper", 9), ("quick", 3)]
+    rerun = keep_other_profiles(quick, path, results.COMPRESSION_COLUMNS)
+    assert len(rerun) == 3  # a run replaces its own profile's rows
+    md = cr.markdown(both)
+    assert "| dense | 46.03 | 46.00 ± 1.00 (3) | 46.00 (1) |" in md  # paper, then quick
+    assert md.index("Profile `paper`") < md.index("Profile `quick`")
+    assert "Measured (profile paper;" in md and cr.headline(both)["gap_seeds"] == 3

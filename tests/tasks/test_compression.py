@@ -188,3 +188,23 @@ def test_run_method_records(method: str) -> None:
         assert rec["stopped_by"] == "dense phase epoch_cap; fine-tune epoch_cap"
     else:
         assert rec["stopped_by"] == "epoch_cap" and rec["max_epochs"] == 2
+
+
+@pytest.mark.parametrize("method", ["bp_complex", "dense_to_butterfly"])
+def test_parallel_workers_give_the_sequential_records(method: str) -> None:
+    """The lr candidates and the other seeds train in `workers` processes: same records."""
+    arrays = _arrays(per_class=12, test_per_class=4)
+    kw = dict(methods=[method], lrs=[1e-3, 3e-3], seeds=[0, 1], max_epochs=2, finetune_epochs=1)
+    seq = run_method(method, arrays, _params(**kw), lambda _: None)
+    par = run_method(method, arrays, _params(**kw, workers=2), lambda _: None)
+    assert [r["seed"] for r in par] == [0, 1] and par[0]["lr"] == par[1]["lr"]
+    for a, b in zip(seq, par, strict=True):
+        assert (a["lr"], a["lr_search"], a["epochs"]) == (b["lr"], b["lr_search"], b["epochs"])
+        assert a["test_accuracy"] == b["test_accuracy"]
+        drop = [{k: v for k, v in c.items() if k != "seconds"} for c in a["curve"]]
+        assert drop == [{k: v for k, v in c.items() if k != "seconds"} for c in b["curve"]]
+        assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+        f = make_features(arrays, _params(**kw))
+        assert accuracy(b["net"], f.x_test, f.y_test) == b["test_accuracy"]  # a usable net
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        _params(workers=0).validate()
