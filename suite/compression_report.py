@@ -101,8 +101,12 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     return agg.loc[order].reset_index()
 
 
+BUTTERFLY = r"^bp(bp)?_(real|complex)"
+"""The butterfly layers the claim chooses from (fixed or learned permutation)."""
+
+
 def _butterflies(s: pd.DataFrame) -> pd.DataFrame:
-    return s[s.method.str.match(r"^bp(bp)?_(real|complex)")]
+    return s[s.method.str.match(BUTTERFLY)]
 
 
 def best_profile(df: pd.DataFrame) -> str:
@@ -110,7 +114,7 @@ def best_profile(df: pd.DataFrame) -> str:
     ok = [
         str(p)
         for p, g in df.groupby("profile")
-        if (g.method == "dense").any() and g.method.str.match(r"^bp(bp)?_(real|complex)").any()
+        if (g.method == "dense").any() and g.method.str.match(BUTTERFLY).any()
     ]
     return max(ok, key=lambda p: PROFILE_RANK.get(p, 0)) if ok else ""
 
@@ -169,10 +173,15 @@ def _cap_reasons(rows: pd.DataFrame, best: str) -> list[str]:
     return reasons
 
 
-def headline(df: pd.DataFrame) -> dict[str, Any]:
+Partial = tuple[str, list[str]]
+"""(profile, methods of its configuration that have no rows yet): a run still in progress."""
+
+
+def headline(df: pd.DataFrame, partial: Partial | None = None) -> dict[str, Any]:
     """The abstract's three numbers as measured, on the best available profile, with the
     gap's spread over seeds, speed-ups of the hidden layer and the whole net at batch 1 and
-    256, and the gap's verdict (provisional when its rows are not final)."""
+    256, and the gap's verdict (provisional when its rows are not final, or when `partial`
+    says that butterfly candidates of that profile have not run yet)."""
     profile = best_profile(df) if "profile" in df else ""
     if not profile:
         return {"claim": "needs the dense and at least one butterfly method"}
@@ -183,6 +192,10 @@ def headline(df: pd.DataFrame) -> dict[str, Any]:
     gap = paired_gap(rows[rows.method == b.method], rows[rows.method == "dense"])
     used = rows[rows.method.isin(["dense", *bfly.method])]
     reasons = _cap_reasons(used, str(b.method))
+    if partial and partial[0] == profile:
+        absent = [m for m in partial[1] if pd.Series([m]).str.match(BUTTERFLY).iloc[0]]
+        if absent:
+            reasons.append(f"butterfly candidate(s) not run yet: {', '.join(absent)}")
     r2 = {k: (None if v is None else round(float(v), 2)) for k, v in gap.items()}
     out = {
         "profile": profile,
@@ -345,11 +358,13 @@ def side_by_side(df: pd.DataFrame) -> list[str]:
     return lines
 
 
-def markdown(df: pd.DataFrame) -> str:
+def markdown(df: pd.DataFrame, partial: Partial | None = None) -> str:
     """One table per profile (best first; several: a side-by-side accuracy table first), then
-    the headline claim on the best profile with its verdict."""
+    the headline claim on the best profile with its verdict. `partial`: see headline."""
     names = profiles(df)
     lines: list[str] = []
+    if partial and partial[1]:
+        lines += [f"Profile `{partial[0]}` is partial: not run yet: {', '.join(partial[1])}.", ""]
     if len(names) > 1:
         lines += ["Test accuracy by profile (seeds in parentheses):", ""]
         lines += side_by_side(df) + [""]
@@ -357,7 +372,7 @@ def markdown(df: pd.DataFrame) -> str:
         if len(names) > 1:
             lines += [f"Profile `{p}`:", ""]
         lines += profile_table(profile_rows(df, p)) + [""]
-    lines += _headline_lines(df)
+    lines += _headline_lines(df, partial)
     return "\n".join(lines) + "\n"
 
 
@@ -397,8 +412,8 @@ def profile_table(df: pd.DataFrame) -> list[str]:
     ]
 
 
-def _headline_lines(df: pd.DataFrame) -> list[str]:
-    h = headline(df)
+def _headline_lines(df: pd.DataFrame, partial: Partial | None = None) -> list[str]:
+    h = headline(df, partial)
     lines = []
     if "gap_points" in h:
         lines.append(

@@ -139,3 +139,33 @@ def test_both_profiles_side_by_side_and_the_headline_on_the_best(tmp_path) -> No
     assert "| dense | 46.03 | 46.00 ± 1.00 (3) | 46.00 (1) |" in md  # paper, then quick
     assert md.index("Profile `paper`") < md.index("Profile `quick`")
     assert "Measured (profile paper;" in md and cr.headline(both)["gap_seeds"] == 3
+
+
+def test_a_partial_run_is_listed_and_its_claim_is_provisional(tmp_path) -> None:
+    from suite import results
+    from suite.stage_compress import CURVE_COLUMNS, collect
+
+    rows = _rows(FINAL, "paper")
+    assert "not run yet" not in " ".join(cr.headline(rows)["provisional_reasons"])
+    h = cr.headline(rows, ("paper", ["bpbp_complex", "circulant"]))
+    assert h["provisional_reasons"] == ["butterfly candidate(s) not run yet: bpbp_complex"]
+    assert h["gap_verdict"].startswith("provisional")
+    assert cr.headline(rows, ("quick", ["bpbp_complex"]))["provisional_reasons"] == []
+    md = cr.markdown(rows, ("paper", ["bpbp_complex", "circulant"]))
+    assert "Profile `paper` is partial: not run yet: bpbp_complex, circulant." in md
+    extra = dict(projected_val_accuracy=math.nan, n_train=1, n_val=1, n_test=1, run_id="r",
+                 env_id="e", commit="c")  # fmt: skip
+    folder = tmp_path / "dense"
+    folder.mkdir()
+    results.write_table(rows[rows.method == "dense"].assign(**extra), folder / "rows.csv",
+                        results.COMPRESSION_COLUMNS)  # fmt: skip
+    curve = pd.DataFrame([dict(method="dense", seed=0, lr=1e-3, epoch=1, train_loss=1.0,
+                               val_accuracy=40.0, seconds=1.0)])  # fmt: skip
+    results.write_table(curve, folder / "curves.csv", CURVE_COLUMNS)
+    with pytest.raises(FileNotFoundError, match="bp_real"):
+        collect(tmp_path, ["dense", "bp_real"])
+    df, curves, missing = collect(tmp_path, ["dense", "bp_real"], allow_missing=True)
+    assert missing == ["bp_real"] and set(df.method) == {"dense"}
+    assert (curves.profile == "paper").all()
+    with pytest.raises(FileNotFoundError, match="no method"):
+        collect(tmp_path, ["bp_real"], allow_missing=True)
