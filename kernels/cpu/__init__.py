@@ -162,7 +162,7 @@ class CPUButterfly:
         xp = x.data_ptr()
         s0, s1 = x.stride()
         if out is None:
-            out = torch.empty(batch, n, dtype=self.dtype)  # faster than passing a Size
+            out = x.new_empty(batch, n)  # x's dtype and device: faster than torch.empty's kwargs
             op = out.data_ptr()
         else:
             op = _check_out(out, x, xp, s0, s1, self._itemsize, self._perm is not None)
@@ -171,6 +171,28 @@ class CPUButterfly:
             self._apply_torch(x, out)
             return out
         args, lock = self._args, self._lock
+        lock.acquire()
+        try:
+            args[0], args[1], args[2], args[4], args[5] = xp, s0, s1, op, batch
+            fn(args)
+        finally:
+            lock.release()
+        return out
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """__call__ without its device, dtype and autograd checks, for a caller that has made
+        them (kernels.multiply's PlanCache keys its plan on them): x's shape is still checked."""
+        shape = x.shape
+        if len(shape) != 2 or shape[1] != self.n:
+            raise ValueError(f"x must be a CPU tensor (batch, {self.n}), got {tuple(shape)}")
+        batch = shape[0]
+        out = x.new_empty(batch, self.n)
+        fn = self._fn
+        if fn is None:
+            self._apply_torch(x, out)
+            return out
+        args, lock = self._args, self._lock
+        xp, (s0, s1), op = x.data_ptr(), x.stride(), out.data_ptr()
         lock.acquire()
         try:
             args[0], args[1], args[2], args[4], args[5] = xp, s0, s1, op, batch

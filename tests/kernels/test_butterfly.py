@@ -156,3 +156,58 @@ def test_eval_forward_uses_a_plan_that_follows_weight_updates() -> None:
     assert clone._cpu_plan()._plan is None
     with torch.no_grad():
         torch.testing.assert_close(clone(x), layer(x))
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.complex128 if t.is_complex() else torch.float64)
+
+
+def _check_against_uncached(layer: Butterfly, x: torch.Tensor) -> None:
+    """layer(x) (eval: through its plan cache) is bit for bit the uncached dispatch of
+    kernels.multiply, and close to the oracle."""
+    tw, bias = layer.twiddle_tensor().detach(), layer.bias.detach()
+    bias = torch.view_as_complex(bias) if layer.complex else bias
+    got = layer(x)
+    torch.testing.assert_close(got, butterfly_multiply(tw, x, bias=bias), rtol=0, atol=0)
+    want = butterfly_multiply_reference(_wide(tw), _wide(x)) + bias
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("complex_", [False, True])
+def test_eval_plan_is_never_stale(
+    backend: str, complex_: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An eval layer's cached plan across batch sizes, strides, dtypes and weight updates: every
+    call is what the uncached dispatch gives; a real plan is reused across batches and strides."""
+    monkeypatch.setenv("BUTTERFLY_CPU_BACKEND", backend)
+    g = _gen()
+    layer = Butterfly(32, 32, complex=complex_, tied=True, generator=g).eval()
+    dtype = torch.complex64 if complex_ else torch.float32
+    xs = [torch.randn(1, 32, dtype=dtype, generator=g),
+          torch.randn(16, 32, dtype=dtype, generator=g),
+          torch.randn(32, 3, dtype=dtype, generator=g).t(),
+          torch.randn(1, 64, dtype=dtype, generator=g)[:, ::2],
+          torch.randn(2, 32, generator=g, dtype=torch.float64),
+          torch.randn(1, 32, dtype=dtype, generator=g)]  # fmt: skip
+    with torch.inference_mode():
+        plans = []
+        for x in xs if complex_ else xs[:4] + xs[5:]:  # float64 x needs a float64 real layer
+            _check_against_uncached(layer, x)
+            plans.append(layer._cpu_plan()._plan)
+        if complex_:  # the complex row loop only up to COMPLEX_ROWS_MAX_BATCH rows
+            assert plans[1] is None
+        else:  # one float32 plan fits every batch and stride
+            assert plans[0] is not None and all(p is plans[0] for p in plans[:4])
+            layer.double()  # new storage (through .data, no new version): a new plan
+            _check_against_uncached(layer, xs[4])
+            assert layer._cpu_plan()._plan is not plans[0]
+            layer.float()
+            _check_against_uncached(layer, xs[0])
+        with pytest.raises(ValueError, match="batch, 32"):
+            butterfly_multiply(layer.twiddle_tensor(), xs[0][:, :16], cache=layer._cpu_plan())
+    for edit in ("twiddle", "bias"):
+        with torch.no_grad():
+            layer(xs[0])  # the plan of this very call is cached
+            getattr(layer, edit).mul_(-0.5)  # in place: a new version of the parameter
+            _check_against_uncached(layer, xs[0])
