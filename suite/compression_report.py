@@ -7,7 +7,8 @@ Honesty rules of the headline: it uses the best profile present (paper > quick >
 says which; the best butterfly is chosen on validation accuracy; the gap is the mean over
 seeds of the paired (same seed) test-accuracy difference with a 95% t-interval; and the gap's
 verdict is "provisional (...)" when a row it rests on hit a runaway cap, the dense baseline
-stopped while still improving, or the rows do not record how training stopped.
+stopped while still improving, fewer than two seeds pair up (no interval), or the rows do not
+record how training stopped.
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ def headline(df: pd.DataFrame, partial: Partial | None = None) -> dict[str, Any]
     gap = paired_gap(rows[rows.method == b.method], rows[rows.method == "dense"])
     used = rows[rows.method.isin(["dense", *bfly.method])]
     reasons = _cap_reasons(used, str(b.method))
+    if gap["gap_seeds"] < 2:
+        reasons.append(f"{gap['gap_seeds']} paired seed(s): no interval")
     if partial and partial[0] == profile:
         absent = [m for m in partial[1] if pd.Series([m]).str.match(BUTTERFLY).iloc[0]]
         if absent:

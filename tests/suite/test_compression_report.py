@@ -169,3 +169,11 @@ def test_a_partial_run_is_listed_and_its_claim_is_provisional(tmp_path) -> None:
     assert (curves.profile == "paper").all()
     with pytest.raises(FileNotFoundError, match="no method"):
         collect(tmp_path, ["bp_real"], allow_missing=True)
+
+
+def test_one_seed_has_no_interval_and_stays_provisional() -> None:
+    one = _rows({m: (t[:1], v[:1], ms) for m, (t, v, ms) in FINAL.items()})
+    h = cr.headline(one)
+    assert h["gap_seeds"] == 1 and h["provisional_reasons"] == ["1 paired seed(s): no interval"]
+    assert h["gap_verdict"] == "provisional (1 paired seed(s): no interval)"
+    assert cr.headline(_rows(FINAL))["provisional_reasons"] == []  # three seeds pair up
