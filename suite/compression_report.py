@@ -14,6 +14,7 @@ record how training stopped.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,7 @@ def headline(df: pd.DataFrame, partial: Partial | None = None) -> dict[str, Any]
     if gap["gap_seeds"] < 2:
         reasons.append(f"{gap['gap_seeds']} paired seed(s): no interval")
     if partial and partial[0] == profile:
-        absent = [m for m in partial[1] if pd.Series([m]).str.match(BUTTERFLY).iloc[0]]
+        absent = [m for m in partial[1] if re.match(BUTTERFLY, m)]
         if absent:
             reasons.append(f"butterfly candidate(s) not run yet: {', '.join(absent)}")
     r2 = {k: (None if v is None else round(float(v), 2)) for k, v in gap.items()}
