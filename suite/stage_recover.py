@@ -58,10 +58,9 @@ def code_digest() -> str:
 def _cell_key(p: Any, name: str, n: int, model: str, code: str) -> str:
     """What a cell's result depends on: its own slice of the search (per-n maps at n only), the
     baselines, the cell and the code. Profiles that agree on a cell share its kept result."""
-    search = {
-        k: (v.get(n) if isinstance(v, dict) else v)
-        for k, v in asdict(p.search_for(name, n)).items()
-    }
+    sp = p.search_for(name, n)
+    search = {k: (v.get(n) if isinstance(v, dict) else v) for k, v in asdict(sp).items()}
+    search["perm_init"] = sp.perm_init_for(model)  # keyed by model, not by n
     blob = json.dumps(
         {"search": search, "baselines": p.baselines, "cell": [name, n, model]}, sort_keys=True
     )

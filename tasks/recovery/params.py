@@ -16,6 +16,7 @@ RECOVERED_RMSE = 1e-4
 
 LINE_SEARCHES = ("none", "strong_wolfe")
 LOSSES = ("reals", "entries")
+PERM_INITS = ("randn", "corners")
 
 
 class FieldError(ValueError):
@@ -58,6 +59,10 @@ class SearchParams:
     batch: dict[int, int]  # n -> trials trained together in one vectorised model (paper: 1)
     workers: int  # parallel trial processes on this machine
     seed: int  # sampler seed
+    # model -> randn: permutation logits ~ N(0, 1) (the paper; also where a model is absent) |
+    # corners: trial t starts near hard choice t of the model's 8^permutations (a seeded order,
+    # every choice once per cycle), logits +-CORNER_LOGIT, still learnt
+    perm_init: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         if not 0 < self.lr_min <= self.lr_max:
@@ -97,6 +102,12 @@ class SearchParams:
                 raise FieldError(name, f"{name} must be >= 1 for every n")
         if any(v <= 0 for v in self.cell_seconds.values()):
             raise FieldError("cell_seconds", "cell_seconds must be > 0 for every n")
+        for model, init in self.perm_init.items():
+            if model not in MODELS or init not in PERM_INITS:
+                raise FieldError(
+                    f"perm_init.{model}",
+                    f"need a model ({', '.join(MODELS)}) -> one of {', '.join(PERM_INITS)}",
+                )
         if not self.share_logits:
             raise FieldError("share_logits", "share_logits needs at least one choice")
         if len(set(self.share_logits)) > 1 and any(b > 1 for b in self.batch.values()):
@@ -111,6 +122,9 @@ class SearchParams:
             k: {int(n): v for n, v in data[k].items()} for k in ("trials", "cell_seconds", "batch")
         }
         return cls(**{**data, **sized})
+
+    def perm_init_for(self, model: str) -> str:
+        return self.perm_init.get(model, "randn")
 
     def trials_for(self, n: int) -> int:
         if n not in self.trials:

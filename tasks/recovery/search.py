@@ -33,6 +33,7 @@ from tasks.recovery.train import (
     build_stack,
     finite,
     mse,
+    permutation_count,
     polish,
     working_dtype,
 )
@@ -100,26 +101,35 @@ def open_storage(url: str | None, work_dir: Path) -> optuna.storages.BaseStorage
     return optuna.storages.JournalStorage(JournalFileBackend(str(work_dir / "optuna.journal")))
 
 
-def trial_plan(sp: SearchParams, key: str, count: int) -> list[dict[str, Any]]:
+def trial_plan(sp: SearchParams, key: str, count: int, model: str = "bp") -> list[dict[str, Any]]:
     """The hyper-parameters of every trial of a cell, drawn from one seeded generator.
 
-    lr log-uniform in [lr_min, lr_max]; share_logits, init and the model seed uniform.
+    lr log-uniform in [lr_min, lr_max]; share_logits, init and the model seed uniform. Where
+    the model's perm_init is corners, the trials take its 8^permutations corners (hard choices)
+    in a seeded order, each cycle shuffled anew; otherwise corner is -1.
     """
     seed = int.from_bytes(f"{sp.seed}/{key}".encode(), "little") % 2**63
     rng = np.random.default_rng(seed)
     lo, hi = math.log(sp.lr_min), math.log(sp.lr_max)
-    return [
+    plan = [
         {
             "lr": float(math.exp(rng.uniform(lo, hi))),
             "share_logits": bool(sp.share_logits[rng.integers(len(sp.share_logits))]),
             "init": str(sp.inits[rng.integers(len(sp.inits))]),
             "seed": int(rng.integers(2**31 - 1)),
+            "corner": -1,
         }
         for _ in range(count)
     ]
+    if sp.perm_init_for(model) == "corners":  # own generator: the other draws stay randn's
+        corners, crng = 8 ** permutation_count(model), np.random.default_rng(seed + 1)
+        order = np.concatenate([crng.permutation(corners) for _ in range(-(-count // corners))])
+        for hp, corner in zip(plan, order, strict=False):
+            hp["corner"] = int(corner)
+    return plan
 
 
-def _suggest(trial: optuna.Trial, sp: SearchParams) -> TrialSpec:
+def _suggest(trial: optuna.Trial, sp: SearchParams, perms: int) -> TrialSpec:
     """The enqueued values, through Optuna's suggest API (so they show in its UI as params)."""
     return TrialSpec(
         trial.number,
@@ -127,6 +137,7 @@ def _suggest(trial: optuna.Trial, sp: SearchParams) -> TrialSpec:
         trial.suggest_categorical("share_logits", sp.share_logits),
         trial.suggest_categorical("init", sp.inits),
         trial.suggest_int("seed", 0, 2**31 - 1),
+        trial.suggest_int("corner", -1, 8**perms - 1),
     )
 
 
@@ -165,7 +176,7 @@ class _Worker:
                 trial.set_user_attr("unused", True)
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 break
-            out.append((trial, _suggest(trial, self.sp)))
+            out.append((trial, _suggest(trial, self.sp, permutation_count(self.model))))
         return out
 
     def run(self) -> None:
@@ -303,7 +314,7 @@ def learn_cell(
     study = optuna.create_study(study_name=study_name, storage=st, direction="minimize")
     for k, v in attrs.items():
         study.set_user_attr(k, v)
-    for hp in trial_plan(sp, f"{name}/{n}/{model}", attrs["max_trials"]):
+    for hp in trial_plan(sp, f"{name}/{n}/{model}", attrs["max_trials"], model):
         study.enqueue_trial(hp)
     user_target = None if name in TARGETS else target  # named targets are rebuilt by workers
     if pool is None:
@@ -367,7 +378,9 @@ def final_polish(
     for t in top:
         saved = torch.load(t.user_attrs["state"], weights_only=True)
         hp = saved["hp"]
-        spec = TrialSpec(t.number, hp["lr"], hp["share_logits"], hp["init"], hp["seed"])
+        spec = TrialSpec(
+            t.number, hp["lr"], hp["share_logits"], hp["init"], hp["seed"], hp.get("corner", -1)
+        )
         m = build_stack(n, model, not target.is_complex(), [spec], sp.extra_perm, batched=False)
         m.load_state_dict(saved["state_dict"])
         if any(bool(p.hard) for p in m.permutations()):

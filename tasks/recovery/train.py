@@ -16,8 +16,11 @@ from typing import Any
 
 import torch
 
-from kernels.butterfly import ButterflyStack
+from kernels.butterfly import MODELS, ButterflyStack
 from tasks.recovery.params import SearchParams
+
+CORNER_LOGIT = 4.0
+"""A corner start's logits: sigmoid(4) = 0.98, near the hard choice and still learnable."""
 
 
 def mse(approx: torch.Tensor, target: torch.Tensor, loss: str = "reals") -> torch.Tensor:
@@ -177,6 +180,7 @@ class TrialSpec:
     share_logits: bool
     init: str
     seed: int
+    corner: int = -1  # the hard choice its permutation logits start near; -1: N(0, 1) logits
 
     @property
     def hp(self) -> dict[str, Any]:
@@ -185,7 +189,40 @@ class TrialSpec:
             "share_logits": self.share_logits,
             "init": self.init,
             "seed": self.seed,
+            "corner": self.corner,
         }
+
+
+def permutation_count(model: str) -> int:
+    """How many learnable permutations the model has (P' counts): 1 bp, 2 bpp, 2 bpbp."""
+    blocks, extra = MODELS[model]
+    return blocks + int(extra)
+
+
+def corner_logits(corner: int, count: int) -> list[torch.Tensor]:
+    """The (3,) logits of each of `count` permutations (ButterflyStack.permutations() order) at
+    corner `corner` of their 8^count hard choices: permutation j takes choice (corner >> 3j) & 7,
+    whose bit i switches on relaxed choice i (even/odd, reverse first half, reverse second)."""
+    if not 0 <= corner < 8**count:
+        raise ValueError(f"corner must be in [0, {8**count}), got {corner}")
+    out = []
+    for j in range(count):
+        choice = (corner >> (3 * j)) & 7
+        bits = torch.tensor([(choice >> i) & 1 for i in range(3)], dtype=torch.float32)
+        out.append((2 * bits - 1) * CORNER_LOGIT)
+    return out
+
+
+@torch.no_grad()
+def start_at_corners(stack: ButterflyStack, specs: list[TrialSpec], batched: bool) -> None:
+    """Set the permutation logits of every trial whose spec names a corner (every level alike)."""
+    perms = stack.permutations()
+    for t, spec in enumerate(specs):
+        if spec.corner < 0:
+            continue
+        for perm, logits in zip(perms, corner_logits(spec.corner, len(perms)), strict=True):
+            target = perm.logits[t] if batched else perm.logits
+            target.copy_(logits.to(target.dtype).expand_as(target))
 
 
 def build_stack(
@@ -211,7 +248,9 @@ def build_stack(
         )
 
     if not batched:
-        return one(specs[0])
+        stack = one(specs[0])
+        start_at_corners(stack, specs[:1], batched=False)
+        return stack
     if len({s.share_logits for s in specs}) != 1:
         raise ValueError("trials of one batched model must share share_logits")
     gens = [torch.Generator().manual_seed(s.seed) for s in specs]
@@ -234,6 +273,7 @@ def build_stack(
                 if state[k].dim() > v.dim():
                     state[k][t] = v
         stack.load_state_dict(state)
+    start_at_corners(stack, specs, batched=True)
     return stack
 
 

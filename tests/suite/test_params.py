@@ -257,3 +257,24 @@ def test_profile_section_not_a_mapping(tmp_path: Path, raw: dict) -> None:
 @pytest.mark.parametrize("key", ["polish_steps", "final_top", "final_steps"])
 def test_negative_counts_rejected(tmp_path: Path, raw: dict, key: str) -> None:
     assert key in _error(tmp_path, raw, lambda r: _search(r).update({key: -1}))
+
+
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [({"bpbp": "corner"}, "perm_init.bpbp"), ({"bpq": "corners"}, "perm_init.bpq")],
+)
+def test_bad_perm_init(tmp_path: Path, raw: dict, value: dict, where: str) -> None:
+    msg = _error(tmp_path, raw, lambda r: _search(r).update(perm_init=value))
+    assert f"recover.search.{where}" in msg and "corners" in msg
+
+
+def test_kept_cells_are_keyed_by_their_model_s_perm_init(tmp_path: Path, raw: dict) -> None:
+    """A kept cell is reused only by a run whose search agrees on that cell: perm_init is keyed
+    by model, so corners for bpbp changes the key of a bpbp cell and not of a bp cell."""
+    from suite.stage_recover import _cell_key
+
+    plain = _load(tmp_path, raw, lambda r: _search(r).update(perm_init={}), "quick")
+    corners = _load(tmp_path, raw, lambda r: _search(r).update(perm_init={"bpbp": "corners"}))
+    for name, model, differs in (("convolution", "bpbp", True), ("dft", "bp", False)):
+        a, b = (_cell_key(p, name, 64, model, "code") for p in (plain, corners))
+        assert (a != b) == differs

@@ -292,3 +292,57 @@ def test_target_budget_scales_one_target(smoke: RecoverParams) -> None:
     assert p.search_for("hadamard", 8).cell_seconds[8] == 2 * smoke.search.cell_seconds[8]
     assert p.search_for("hadamard", 8).trials[8] == 2 * smoke.search.trials[8]
     assert p.search_for("dft", 8) == smoke.search
+
+
+def test_corner_plans_visit_every_hard_choice(smoke: RecoverParams) -> None:
+    """perm_init corners: each cycle of 8^perms trials takes every corner once, in a seeded
+    order that differs between cycles; the other draws are those of the randn plan."""
+    sp = replace(smoke.search, perm_init={"bpbp": "corners"})
+    plan = trial_plan(sp, "convolution/16/bpbp", 150, "bpbp")
+    corners = [p["corner"] for p in plan]
+    assert sorted(corners[:64]) == sorted(corners[64:128]) == list(range(64))
+    assert corners[:64] != corners[64:128] and len(set(corners[128:])) == 22
+    plain = trial_plan(smoke.search, "convolution/16/bpbp", 150, "bpbp")
+    assert {p["corner"] for p in plain} == {-1}
+    assert {p["corner"] for p in trial_plan(sp, "dft/16/bp", 20, "bp")} == {-1}
+    assert [{**p, "corner": -1} for p in plan] == plain
+
+
+@pytest.mark.parametrize("model", ["bp", "bpp", "bpbp"])
+def test_a_corner_start_rounds_to_its_choice(model: str, gen: torch.Generator) -> None:
+    """Trial t starts at its corner (batched or alone): rounding gives that hard choice for
+    each permutation (P' first), every level alike; the twiddles are the seed's, untouched."""
+    from tasks.recovery.train import build_stack, corner_logits, permutation_count
+
+    count = permutation_count(model)
+    corners = torch.randint(0, 8**count, (3,), generator=gen).tolist()
+    seeds = torch.randint(0, 2**31 - 1, (4,), generator=gen).tolist()
+    specs = [
+        TrialSpec(i, 0.03, False, "ortho", s, c)
+        for i, (s, c) in enumerate(zip(seeds, corners + [-1], strict=True))
+    ]
+    stack = build_stack(16, model, True, specs, "one", batched=True).round_permutations_()
+    for t, spec in enumerate(specs):
+        alone = build_stack(16, model, True, [spec], "one", batched=False)
+        plain = build_stack(16, model, True, [replace(spec, corner=-1)], "one", batched=False)
+        for b_alone, b_plain in zip(alone.butterflies, plain.butterflies, strict=True):
+            torch.testing.assert_close(b_alone.twiddle, b_plain.twiddle, rtol=0, atol=0)
+        if spec.corner < 0:
+            for p_alone, p_plain in zip(alone.permutations(), plain.permutations(), strict=True):
+                torch.testing.assert_close(p_alone.logits, p_plain.logits, rtol=0, atol=0)
+            continue
+        expect = [(lg > 0).float() for lg in corner_logits(spec.corner, count)]
+        for perms in (stack.trial(t).permutations(), alone.round_permutations_().permutations()):
+            for perm, bits in zip(perms, expect, strict=True):
+                probs = perm.probs()
+                assert torch.equal(probs, bits.expand_as(probs))
+    with pytest.raises(ValueError, match="corner"):
+        corner_logits(8**count, count)
+
+
+def test_a_corner_search_records_its_corner(smoke: RecoverParams, tmp_path: Path) -> None:
+    """With perm_init corners the DFT at 8 is still recovered; the winner names its corner."""
+    sp = replace(smoke.search, perm_init={"bp": "corners"})
+    res, model = learn_cell(target_matrix("dft", 8), "dft", "bp", sp, tmp_path)
+    assert res.rmse <= 1e-4 and model is not None
+    assert res.best_params["corner"] in range(8)
