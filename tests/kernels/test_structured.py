@@ -265,7 +265,8 @@ def test_bad_input_is_a_value_error() -> None:
 
 @pytest.mark.parametrize("method", ["bp_real", "bpbp_complex", "bpbp_real_learned"])
 def test_bp_training_path_matches_the_factored_path(method: str) -> None:
-    """Large batches with grad take the materialised B_k P_k path; small ones the factored."""
+    """Large batches with grad through a learned P take the materialised B_k P_k path, small
+    ones the factored; a fixed P is factored at every batch: all give the same gradients."""
     n = 64
     layer = make_layer(method, n, torch.Generator().manual_seed(5)).double()
     x = torch.randn(32, n, dtype=torch.float64)  # 8 * 32 >= n: materialised
@@ -289,3 +290,21 @@ def test_ldr_td_inference_uses_a_cached_matrix_that_follows_updates() -> None:
         torch.testing.assert_close(layer(x), x @ layer.matrix().T)
         next(layer.parameters()).add_(0.1)  # bumps the version: the cache must be rebuilt
         torch.testing.assert_close(layer(x), x @ layer.matrix().T)
+
+
+@pytest.mark.parametrize("method", ["bp_real", "bp_complex", "bpbp_real", "bpbp_complex"])
+def test_fixed_permutation_layers_train_through_the_compiled_butterfly(method: str) -> None:
+    """float32 at a training-size batch (the compiled CPU kernels when a compiler is there):
+    forward and every gradient match the dense product with the layer's own matrix."""
+    n, gen = 256, torch.Generator().manual_seed(11)
+    layer = make_layer(method, n, gen)
+    x = torch.randn(96, n, generator=gen, requires_grad=True)
+    g = torch.randn(96, n, generator=gen)
+    y = layer(x)
+    expected = x @ layer.matrix().T
+    _assert_close(y, expected, rtol=1e-5)
+    inputs = [*layer.parameters(), x]
+    fast = torch.autograd.grad((y * g).sum(), inputs)
+    dense = torch.autograd.grad((expected * g).sum(), inputs)
+    for a, b in zip(fast, dense, strict=True):
+        _assert_close(a, b, rtol=1e-4)
