@@ -280,3 +280,19 @@ def test_fused_bias_in_the_row_loop(impl: str, gen: torch.Generator) -> None:
     with torch.no_grad():
         layer.bias.add_(1.0)  # a new version: the plan (and its bias snapshot) is rebuilt
         torch.testing.assert_close(layer(x), want + 1.0, rtol=1e-12, atol=1e-12)
+
+
+def test_bench_tables_cover_only_the_sections_run() -> None:
+    """`kernels.cpu.bench --sections nets` writes the network table alone, with the speed-up
+    of the factored path over the materialised one and the ratio to the dense network."""
+    from kernels.cpu.bench import markdown
+
+    row = dict(section="nets", n=1024, batch=256, dtype="float32", nblocks=0, tied=True)
+    rows = [
+        {**row, "case": "dense", "impl": "as trained", "ms": 20.0},
+        {**row, "case": "bp_real", "impl": "as trained", "ms": 2.0},
+        {**row, "case": "bp_real", "impl": "materialised B P + GEMM", "ms": 40.0},
+    ]
+    md = markdown(rows, {"cpu": "test"})
+    assert "## Training step" not in md and "## Inference" not in md
+    assert "| bp_real | 2.00 | 40.00 | 20.0x | 0.10 |" in md
