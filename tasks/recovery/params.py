@@ -63,6 +63,9 @@ class SearchParams:
     # corners: trial t starts near hard choice t of the model's 8^permutations (a seeded order,
     # every choice once per cycle), logits +-CORNER_LOGIT, still learnt
     perm_init: dict[str, str] = field(default_factory=dict)
+    # n -> `patience` at that n (the others keep `patience`): at N = 1024 a BPBP trial on the
+    # right permutations can sit on the zero-output plateau (MSE ~ 1/N) for 5 .. 10 epochs
+    patience_at: dict[int, int] = field(default_factory=dict)
 
     def validate(self) -> None:
         if not 0 < self.lr_min <= self.lr_max:
@@ -97,6 +100,8 @@ class SearchParams:
         ):
             if getattr(self, name) not in allowed:
                 raise FieldError(name, f"{name} must be one of {', '.join(allowed)}")
+        if any(v < 0 for v in self.patience_at.values()):
+            raise FieldError("patience_at", "patience_at must be >= 0 for every n")
         for name in ("trials", "batch"):
             if any(v < 1 for v in getattr(self, name).values()):
                 raise FieldError(name, f"{name} must be >= 1 for every n")
@@ -119,12 +124,16 @@ class SearchParams:
     def from_json(cls, data: dict) -> SearchParams:
         """Rebuild from `asdict` after a JSON round trip (which turns int keys into strings)."""
         sized = {
-            k: {int(n): v for n, v in data[k].items()} for k in ("trials", "cell_seconds", "batch")
+            k: {int(n): v for n, v in data.get(k, {}).items()}
+            for k in ("trials", "cell_seconds", "batch", "patience_at")
         }
         return cls(**{**data, **sized})
 
     def perm_init_for(self, model: str) -> str:
         return self.perm_init.get(model, "randn")
+
+    def patience_for(self, n: int) -> int:
+        return self.patience_at.get(n, self.patience)
 
     def trials_for(self, n: int) -> int:
         if n not in self.trials:

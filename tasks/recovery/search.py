@@ -81,14 +81,16 @@ class StalledOrHyperband(optuna.pruners.BasePruner):
         return self.stalled(trial) or self.hyperband.prune(study, trial)
 
 
-def make_pruner(sp: SearchParams) -> optuna.pruners.BasePruner:
-    """Hyperband (Optuna's stand-in for the paper's asynchronous Hyperband), plus the stall rule."""
+def make_pruner(sp: SearchParams, n: int) -> optuna.pruners.BasePruner:
+    """Hyperband (Optuna's stand-in for the paper's asynchronous Hyperband), plus the stall rule
+    with the patience of size n."""
     hyperband = optuna.pruners.HyperbandPruner(
         min_resource=sp.min_epochs, max_resource=sp.max_epochs, reduction_factor=sp.reduction_factor
     )
-    if sp.patience == 0:
+    patience = sp.patience_for(n)
+    if patience == 0:
         return hyperband
-    return StalledOrHyperband(hyperband, sp.patience, sp.min_delta_decades)
+    return StalledOrHyperband(hyperband, patience, sp.min_delta_decades)
 
 
 def open_storage(url: str | None, work_dir: Path) -> optuna.storages.BaseStorage | str:
@@ -271,7 +273,7 @@ def run_worker(
         study_name=study_name,
         storage=storage,
         sampler=optuna.samplers.RandomSampler(seed=sp.seed * 1000 + worker),
-        pruner=make_pruner(sp),
+        pruner=make_pruner(sp, attrs["n"]),
     )
     Path(attrs["trial_dir"]).mkdir(parents=True, exist_ok=True)
     _Worker(study, target).run()

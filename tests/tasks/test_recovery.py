@@ -282,9 +282,20 @@ def test_search_params_survive_the_study_round_trip(smoke: RecoverParams) -> Non
 
     from tasks.recovery import SearchParams
 
-    sp = replace(smoke.search, batch={8: 4, 64: 2})
+    sp = replace(smoke.search, batch={8: 4, 64: 2}, patience_at={1024: 8})
     back = SearchParams.from_json(json.loads(json.dumps(asdict(sp))))
     assert back == sp and back.batch_for(64) == 2 and back.batch_for(128) == 1
+    assert back.patience_for(1024) == 8 and back.patience_for(8) == smoke.search.patience
+
+
+def test_the_stall_rule_takes_the_patience_of_its_size(smoke: RecoverParams) -> None:
+    """patience_at overrides patience at one n; 0 there leaves Hyperband alone."""
+    from tasks.recovery.search import make_pruner
+
+    sp = replace(smoke.search, patience=3, patience_at={512: 0, 1024: 8})
+    assert isinstance(make_pruner(sp, 64), StalledOrHyperband)
+    assert make_pruner(sp, 64).patience == 3 and make_pruner(sp, 1024).patience == 8
+    assert isinstance(make_pruner(sp, 512), optuna.pruners.HyperbandPruner)
 
 
 def test_target_budget_scales_one_target(smoke: RecoverParams) -> None:
