@@ -101,6 +101,11 @@ def _row(rec: Any, **ctx: Any) -> dict[str, Any]:
     return {**row, **ctx}
 
 
+def _factors_folder(name: str) -> str:
+    """factors for the default run (the DVC output), factors_<suffix> for recovery_<suffix>."""
+    return "factors" if name == "recovery" else "factors_" + name.removeprefix("recovery_")
+
+
 def cmd_recover(args: argparse.Namespace) -> int:
     if args.matrix is not None:
         return _recover_matrix(args)
@@ -113,7 +118,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     fp = environment.fingerprint()
     out = Path(args.reports)
     table = out / f"{args.name}.csv"
-    factors_dir = Path(args.factors)
+    # the default run's factors are the recover stage's DVC output; a named run keeps its own
+    factors_dir = Path(args.factors or f"outputs/recover/{_factors_folder(args.name)}")
     kept = _scratch() / "recover-cells"
     kept.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="recover-", dir=_scratch()))
@@ -318,7 +324,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default="recovery",
         help="file stem: <reports>/<name>.csv, <name>_metrics.json, <name>_environment.json",
     )
-    rec.add_argument("--factors", default="outputs/recover/factors")
+    rec.add_argument(
+        "--factors",
+        help="folder of the learned factors (outputs/recover/factors, or factors_<suffix> for "
+        "--name recovery_<suffix>, e.g. factors_full)",
+    )
     rec.set_defaults(func=cmd_recover)
     wrk = sub.add_parser("recover-worker", help="join a recovery cell's study (shared storage)")
     wrk.add_argument("--storage", required=True, help="Optuna storage URL shared by all workers")

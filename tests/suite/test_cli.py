@@ -140,3 +140,12 @@ def test_recover_matrix_dft8(
     # leftovers: scratch is cleaned, no staging folder next to OUT, no MLflow db written
     assert list((workdir / ".suite-tmp").iterdir()) == []
     assert not [p for p in workdir.iterdir() if p.name.startswith(".recover-")]
+
+
+def test_a_named_recovery_run_keeps_its_factors_apart() -> None:
+    """`suite recover --name recovery_full` must not overwrite the recover stage's DVC output."""
+    from suite.stage_recover import _factors_folder
+
+    assert _factors_folder("recovery") == "factors"
+    assert _factors_folder("recovery_full") == "factors_full"
+    assert _factors_folder("mine") == "factors_mine"
