@@ -56,11 +56,9 @@ def code_digest() -> str:
 
 
 def _cell_key(p: Any, name: str, n: int, model: str, code: str) -> str:
-    """What a cell's result depends on: its own slice of the search (per-n maps at n only), the
+    """What a cell's result depends on: its own slice of the search (SearchParams.cell_slice), the
     baselines, the cell and the code. Profiles that agree on a cell share its kept result."""
-    sp = p.search_for(name, n)
-    search = {k: (v.get(n) if isinstance(v, dict) else v) for k, v in asdict(sp).items()}
-    search["perm_init"] = sp.perm_init_for(model)  # keyed by model, not by n
+    search = p.search_for(name, n).cell_slice(n, model)
     blob = json.dumps(
         {"search": search, "baselines": p.baselines, "cell": [name, n, model]}, sort_keys=True
     )

@@ -196,15 +196,6 @@ NET_METHODS = ("dense", "bp_real", "bp_complex", "bpbp_real", "bpbp_complex", "b
                "bpbp_complex_learned", "monarch", "ldr_td_r1")  # fmt: skip
 
 
-def _materialised(layer: BPLayer, x: torch.Tensor) -> torch.Tensor:
-    """The earlier training path of a BP layer: x (B_k P_k)^T per block, each block an n x n
-    matrix built in O(n^2)."""
-    for block in range(layer.nblocks):
-        bp = layer._block_matrix(block)
-        x = (x if bp.is_complex() == x.is_complex() else x.to(bp.dtype)) @ bp.T
-    return x.real if x.is_complex() else x
-
-
 def section_nets(rows: list[dict], gen: torch.Generator, repeats: int) -> None:
     from kernels.structured import make_layer
 
@@ -215,7 +206,7 @@ def section_nets(rows: list[dict], gen: torch.Generator, repeats: int) -> None:
         hidden = make_layer(method, n, gen)
         impls = {"as trained": hidden}
         if isinstance(hidden, BPLayer) and not hidden.learned:
-            impls["materialised B P + GEMM"] = partial(_materialised, hidden)
+            impls["materialised B P + GEMM"] = hidden.materialised  # the earlier training path
         for impl, fn in impls.items():
             bias, out = torch.nn.Parameter(torch.zeros(n)), torch.nn.Linear(n, 10)
             opt = torch.optim.Adam([*hidden.parameters(), bias, *out.parameters()], lr=1e-3)

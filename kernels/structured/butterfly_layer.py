@@ -87,16 +87,20 @@ class BPLayer(StructuredLayer):
             and x.device.type == "cpu"
             and 8 * x.shape[0] >= self.n
         ):
-            # Training-size batches through a learned P on the CPU: build each block B_k P_k in
-            # O(n^2) and multiply by it (one GEMM); the relaxed P on the whole batch costs more
-            # (n = 1024, batch 256, one thread: 23 vs 42 ms for BP real). A fixed P takes the
-            # factored path, whose compiled training kernels win there (2.7 vs 42 ms).
-            for block in range(self.nblocks):
-                bp = self._block_matrix(block)
-                x = (x if bp.is_complex() == x.is_complex() else x.to(bp.dtype)) @ bp.T
-            return x.real if x.is_complex() else x
+            # Training-size batches through a learned P on the CPU: the relaxed P on the whole
+            # batch costs more than B_k P_k built in O(n^2) and one GEMM. A fixed P takes the
+            # factored path, whose compiled training kernels win there (nets section of
+            # `python -m kernels.cpu.bench`: materialised against factored).
+            return self.materialised(x)
         for block, bfly in enumerate(self.butterflies):
             x = bfly(self._permute(block, x))
+        return x.real if x.is_complex() else x
+
+    def materialised(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B_k P_k ... B_1 P_1)^T, real part, with each block an n x n matrix built in O(n^2)."""
+        for block in range(self.nblocks):
+            bp = self._block_matrix(block)
+            x = (x if bp.is_complex() == x.is_complex() else x.to(bp.dtype)) @ bp.T
         return x.real if x.is_complex() else x
 
     def _block_matrix(self, block: int) -> torch.Tensor:

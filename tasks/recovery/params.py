@@ -6,7 +6,7 @@ that differs from them is a row of the README's deviations table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from kernels.butterfly import EXTRA_PERMS, MODELS
 from tasks.targets import TARGETS
@@ -17,6 +17,7 @@ RECOVERED_RMSE = 1e-4
 LINE_SEARCHES = ("none", "strong_wolfe")
 LOSSES = ("reals", "entries")
 PERM_INITS = ("randn", "corners")
+PER_N = ("trials", "cell_seconds", "batch", "patience_at")  # the SearchParams maps keyed by n
 
 
 class FieldError(ValueError):
@@ -64,7 +65,7 @@ class SearchParams:
     # every choice once per cycle), logits +-CORNER_LOGIT, still learnt
     perm_init: dict[str, str] = field(default_factory=dict)
     # n -> `patience` at that n (the others keep `patience`): at N = 1024 a BPBP trial on the
-    # right permutations can sit on the zero-output plateau (MSE ~ 1/N) for 5 .. 10 epochs
+    # right permutations can sit on the zero-output plateau (MSE ~ 1/N) for several epochs
     patience_at: dict[int, int] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -123,11 +124,16 @@ class SearchParams:
     @classmethod
     def from_json(cls, data: dict) -> SearchParams:
         """Rebuild from `asdict` after a JSON round trip (which turns int keys into strings)."""
-        sized = {
-            k: {int(n): v for n, v in data.get(k, {}).items()}
-            for k in ("trials", "cell_seconds", "batch", "patience_at")
-        }
+        sized = {k: {int(n): v for n, v in data[k].items()} for k in PER_N if k in data}
         return cls(**{**data, **sized})
+
+    def cell_slice(self, n: int, model: str) -> dict:
+        """The values one cell of size n and this model runs with: maps keyed by n or by model
+        reduced to that cell's entry (what a kept cell's result depends on)."""
+        out = asdict(self)
+        out.update({k: getattr(self, k).get(n) for k in PER_N})
+        out["perm_init"] = self.perm_init_for(model)
+        return out
 
     def perm_init_for(self, model: str) -> str:
         return self.perm_init.get(model, "randn")
