@@ -20,9 +20,9 @@ machine, load average, torch version and commit. Sections:
   the lowest median of 20 rounds spread over about 2 s per n.
 - nets: one training step (forward, cross-entropy, backward, Adam) of the compression task's
   network, x -> Linear(1024, 10)(ReLU(W x + b)), batch 256, per hidden layer W: BP / BPBP
-  layers with a fixed permutation through their factored compiled path (what they train
+  layers (fixed or learned permutation) through their factored compiled path (what they train
   through) against the materialised B_k P_k and a GEMM (what they trained through before);
-  learned-permutation, monarch, LDR-TD and dense layers as they train.
+  the other structured layers and dense as they train.
 - compile (optional, about 90 s of compiling): the reference under torch.compile, the
   alternative to a hand-written kernel, on the first training case.
 Times are medians of repeated calls after warm-up (time.perf_counter).
@@ -193,7 +193,9 @@ def section_layers(rows: list[dict], gen: torch.Generator, repeats: int) -> None
 
 
 NET_METHODS = ("dense", "bp_real", "bp_complex", "bpbp_real", "bpbp_complex", "bp_real_learned",
-               "bpbp_complex_learned", "monarch", "ldr_td_r1")  # fmt: skip
+               "bp_complex_learned", "bpbp_real_learned", "bpbp_complex_learned", "monarch",
+               "monarch_sqrt", "circulant", "fastfood", "toeplitz_r1", "toeplitz_r4", "ldr_td_r1",
+               "lowrank_r4")  # fmt: skip
 
 
 def section_nets(rows: list[dict], gen: torch.Generator, repeats: int) -> None:
@@ -205,7 +207,7 @@ def section_nets(rows: list[dict], gen: torch.Generator, repeats: int) -> None:
     for method in NET_METHODS:
         hidden = make_layer(method, n, gen)
         impls = {"as trained": hidden}
-        if isinstance(hidden, BPLayer) and not hidden.learned:
+        if isinstance(hidden, BPLayer):
             impls["materialised B P + GEMM"] = hidden.materialised  # the earlier training path
         for impl, fn in impls.items():
             bias, out = torch.nn.Parameter(torch.zeros(n)), torch.nn.Linear(n, 10)

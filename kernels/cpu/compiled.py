@@ -78,6 +78,7 @@ class Library:
     cl_backward: dict[torch.dtype, Callable[..., None]]
     bpl_forward: dict[torch.dtype, Callable[..., None]]
     bpl_backward: dict[torch.dtype, Callable[..., None]]
+    tl_mix_grad: dict[torch.dtype, Callable[..., None]]
 
 
 def cache_dir() -> Path:
@@ -167,6 +168,7 @@ def _bind(path: Path, flags: tuple[str, ...]) -> Library:
         raise BuildError(f"{path} has ABI {version}, expected {ABI_VERSION}")
     bfly, bfly_argv, fwht, tl_fwd, tl_bwd, tl_rows = {}, {}, {}, {}, {}, {}
     mix, crow, tl_mix, cl_fwd, cl_bwd, bpl_fwd, bpl_bwd = {}, {}, {}, {}, {}, {}, {}
+    mix_grad: dict[torch.dtype, Callable[..., None]] = {}
     for dtype, sfx in ((torch.float32, "f32"), (torch.float64, "f64")):
         f = getattr(cdll, f"bfly_{sfx}")
         f.argtypes, f.restype = _BFLY_ARGS, None
@@ -182,7 +184,7 @@ def _bind(path: Path, flags: tuple[str, ...]) -> Library:
         tables = (
             ("tl_forward", tl_fwd), ("tl_backward", tl_bwd), ("mix", mix), ("crow", crow),
             ("tl_mix", tl_mix), ("cl_forward", cl_fwd), ("cl_backward", cl_bwd),
-            ("bpl_forward", bpl_fwd), ("bpl_backward", bpl_bwd),
+            ("bpl_forward", bpl_fwd), ("bpl_backward", bpl_bwd), ("tl_mix_grad", mix_grad),
         )  # fmt: skip
         for name, table in tables:
             fn = getattr(cdll, f"{name}_{sfx}")
@@ -193,7 +195,7 @@ def _bind(path: Path, flags: tuple[str, ...]) -> Library:
         tl_rows[dtype] = int(rows())
     lib = Library(
         path, flags, cdll, bfly, bfly_argv, fwht, tl_fwd, tl_bwd, tl_rows, mix, crow, tl_mix,
-        cl_fwd, cl_bwd, bpl_fwd, bpl_bwd,
+        cl_fwd, cl_bwd, bpl_fwd, bpl_bwd, mix_grad,
     )  # fmt: skip
     _self_check(lib)
     return lib

@@ -31,7 +31,7 @@ from kernels.cpu.csource_crows import CROWS_BODY
 from kernels.cpu.csource_mix import MIX_BODY
 from kernels.cpu.csource_tiled import HSUM4, HSUM8, TILED_BODY
 
-ABI_VERSION = 11
+ABI_VERSION = 12
 
 _HEADER = r"""
 #include <stdint.h>

@@ -70,4 +70,76 @@ void tl_mix_SFX(const int64_t *a)
         tl_store_SFX(src, n, cplx, r0, rows, yr, yi, ys0, ys1);
     }
 }
+
+/* Training, backward of tl_mix_*: per tile of rows, the chain again from x (each step's input
+   kept in `keep`, steps tiles), then the transposed steps from dL/dy down to dL/dx.
+   a: gr, gi, gs0, gs1 (dL/dy), xr, xi, xs0, xs1 (x), dr, di, ds0, ds1 (dL/dx out; dr 0: not
+   wanted), batch, n, steps, q, qt (inverse of q), ca, cb, cbt (cb[qt]) (steps * n each), cplx,
+   keep, work (two tiles), s (steps * n doubles, accumulated):
+   s[k][i] += sum over rows (and parts) of g_k[i] (x_k[q[i]] - x_k[i]), x_k the input of step k
+   and g_k dL/d(its output): dL/dp for that step's probability, summed over its positions. */
+void tl_mix_grad_SFX(const int64_t *a)
+{
+    const real_t *gyr = (const real_t *)(intptr_t)a[0], *gyi = (const real_t *)(intptr_t)a[1];
+    const real_t *xr = (const real_t *)(intptr_t)a[4], *xi = (const real_t *)(intptr_t)a[5];
+    real_t *dxr = (real_t *)(intptr_t)a[8], *dxi = (real_t *)(intptr_t)a[9];
+    const int64_t gs0 = a[2], gs1 = a[3], xs0 = a[6], xs1 = a[7], ds0 = a[10], ds1 = a[11];
+    const int64_t batch = a[12], n = a[13], steps = a[14];
+    const int32_t *q = (const int32_t *)(intptr_t)a[15], *qt = (const int32_t *)(intptr_t)a[16];
+    const real_t *ca = (const real_t *)(intptr_t)a[17], *cb = (const real_t *)(intptr_t)a[18];
+    const real_t *cbt = (const real_t *)(intptr_t)a[19];
+    const int cplx = (int)a[20];
+    real_t *keep = (real_t *)(intptr_t)a[21], *buf0 = (real_t *)(intptr_t)a[22];
+    double *s = (double *)(intptr_t)a[23];
+    const int64_t R = TR_SFX, lvl = n * R * (cplx ? 2 : 1);
+    real_t *buf1 = buf0 + lvl;
+    for (int64_t r0 = 0; r0 < batch; r0 += R) {
+        const int64_t rows = batch - r0 < R ? batch - r0 : R;
+        tl_load_SFX(xr, xi, xs0, xs1, r0, rows, n, cplx, keep);
+        for (int64_t k = 0; k + 1 < steps; k++) {
+            const real_t *src = keep + k * lvl;
+            real_t *dst = keep + (k + 1) * lvl;
+            const int32_t *qk = q + k * n;
+            const real_t *ak = ca + k * n, *bk = cb + k * n;
+            for (int64_t part = 0; part < (cplx ? 2 : 1); part++) {
+                const real_t *sp = src + part * n * R;
+                real_t *dp = dst + part * n * R;
+                for (int64_t i = 0; i < n; i++) {
+                    const real_t ai = ak[i], bi = bk[i];
+                    const real_t *u = sp + i * R, *v = sp + (int64_t)qk[i] * R;
+                    real_t *d = dp + i * R;
+#pragma omp simd
+                    for (int64_t r = 0; r < R; r++) d[r] = ai * u[r] + bi * v[r];
+                }
+            }
+        }
+        real_t *g = buf0, *h = buf1;
+        tl_load_SFX(gyr, gyi, gs0, gs1, r0, rows, n, cplx, g);
+        for (int64_t k = steps - 1; k >= 0; k--) {
+            const real_t *x = keep + k * lvl;
+            const int32_t *qk = q + k * n, *tk = qt + k * n;
+            const real_t *ak = ca + k * n, *bk = cbt + k * n;
+            double *sk = s + k * n;
+            for (int64_t part = 0; part < (cplx ? 2 : 1); part++) {
+                const real_t *gp = g + part * n * R, *xp = x + part * n * R;
+                real_t *hp = h + part * n * R;
+                for (int64_t i = 0; i < n; i++) {
+                    const real_t *gv = gp + i * R, *xv = xp + i * R;
+                    const real_t *xq = xp + (int64_t)qk[i] * R, *gt = gp + (int64_t)tk[i] * R;
+                    const real_t ai = ak[i], bi = bk[i];
+                    real_t *hv = hp + i * R;
+                    real_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+                    for (int64_t r = 0; r < R; r++) {
+                        acc += gv[r] * (xq[r] - xv[r]);
+                        hv[r] = ai * gv[r] + bi * gt[r];
+                    }
+                    sk[i] += (double)acc;
+                }
+            }
+            real_t *tmp = g; g = h; h = tmp;
+        }
+        if (dxr) tl_store_SFX(g, n, cplx, r0, rows, dxr, dxi, ds0, ds1);
+    }
+}
 """

@@ -10,6 +10,7 @@ them, so results match the torch path to the last bit on real inputs.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -126,3 +127,116 @@ class PermutationPlanCache:
 
     def __getstate__(self) -> dict:
         return {"_plans": {}}
+
+
+# --- training: the same chain with autograd (input and probability gradients) ---------------
+
+
+@functools.lru_cache(maxsize=64)
+def _chain_indices(n: int, top_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, q_inverse, first) for the steps of relaxed_steps: q and its inverse (steps, n) int32,
+    first (steps, n) float: 1 where a reversal step reads the first-half probability."""
+    levels = 1 if top_only else log2_exact(n) - 1
+    q, _, _ = relaxed_steps(torch.zeros(levels, 3), n, top_only, torch.float64)
+    first = torch.zeros(q.shape, dtype=torch.float64)
+    for level in range(levels):
+        k = n >> level
+        first[2 * level + 1] = (torch.arange(n) % k < k // 2).to(torch.float64)
+    qinv = torch.argsort(q, dim=1)
+    return q.to(torch.int32).contiguous(), qinv.to(torch.int32).contiguous(), first
+
+
+def _coefficients(probs: torch.Tensor, levels: int, first: torch.Tensor) -> torch.Tensor:
+    """cb (steps, n) of relaxed_steps for probs (levels or 1, 3), vectorised: p0 on even/odd
+    steps, p1 / p2 on the first / second halves of the reversal steps."""
+    p = probs.expand(levels, 3)
+    f = first.view(levels, 2, -1)[:, 1].to(p.dtype)
+    even = p[:, :1].expand_as(f)
+    rev = torch.where(f > 0, p[:, 1:2].expand_as(f), p[:, 2:3].expand_as(f))
+    return torch.stack([even, rev], dim=1).reshape(2 * levels, -1).contiguous()
+
+
+class _RelaxedPermute(torch.autograd.Function):
+    """y = P x for the relaxed permutation of probs, with gradients for x and probs: the chain
+    of steps through tl_mix_* forward, and tl_mix_grad_* (the chain again per tile of rows,
+    then the transposed steps) backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, probs: torch.Tensor, top_only: bool) -> torch.Tensor:  # type: ignore[override]
+        n = x.shape[1]
+        real = _REAL.get(x.dtype, x.dtype)
+        q, qinv, first = _chain_indices(n, top_only)
+        levels = 1 if top_only else log2_exact(n) - 1
+        cb = _coefficients(probs.detach().to(real), levels, first)
+        ca = (1 - cb).contiguous()
+        x = x.resolve_conj().resolve_neg()
+        y = _mix_tiles(x, q, ca, cb)
+        ctx.save_for_backward(x, ca, cb)
+        ctx.chain = (q, qinv, first, levels, probs.shape[0], probs.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
+        from kernels.cpu.tiled import _parts
+
+        lib = library()
+        assert lib is not None
+        x, ca, cb = ctx.saved_tensors
+        q, qinv, first, levels, rows, pdtype = ctx.chain
+        (batch, n), real, cplx = x.shape, ca.dtype, x.is_complex()
+        gy = gy.to(x.dtype).resolve_conj().resolve_neg()
+        gx = torch.empty(batch, n, dtype=x.dtype) if ctx.needs_input_grad[0] else None
+        sums = torch.zeros(q.shape, dtype=torch.float64)
+        lvl = n * lib.tl_rows[real] * (2 if cplx else 1)
+        keep = torch.empty(q.shape[0] * lvl, dtype=real)
+        work = torch.empty(2 * lvl, dtype=real)
+        cbt = torch.gather(cb, 1, qinv.long()).contiguous()
+        if batch:
+            gr, gi, gs0, gs1 = _parts(gy)
+            xr, xi, xs0, xs1 = _parts(x)
+            dr, di, ds0, ds1 = _parts(gx)
+            args = (ctypes.c_int64 * 24)(
+                gr, gi, gs0, gs1, xr, xi, xs0, xs1, dr, di, ds0, ds1, batch, n, q.shape[0],
+                q.data_ptr(), qinv.data_ptr(), ca.data_ptr(), cb.data_ptr(), cbt.data_ptr(),
+                cplx, keep.data_ptr(), work.data_ptr(), sums.data_ptr(),
+            )  # fmt: skip
+            lib.tl_mix_grad[real](args)
+        gprobs = None
+        if ctx.needs_input_grad[1]:
+            head = (sums * first).sum(-1).view(levels, 2)
+            total = sums.sum(-1).view(levels, 2)
+            gl = torch.stack([total[:, 0], head[:, 1], total[:, 1] - head[:, 1]], dim=-1)
+            gprobs = (gl.sum(0, keepdim=True) if rows == 1 else gl).to(pdtype)
+        return gx, gprobs, None
+
+
+def _mix_tiles(
+    x: torch.Tensor, q: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor
+) -> torch.Tensor:
+    """The chain of steps (q, ca, cb) on every row of x (batch, n) through tl_mix_*."""
+    from kernels.cpu.tiled import _parts
+
+    lib = library()
+    assert lib is not None
+    real, (batch, n), cplx = ca.dtype, x.shape, x.is_complex()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    work = torch.empty(2 * n * lib.tl_rows[real] * (2 if cplx else 1), dtype=real)
+    if batch:
+        xr, xi, xs0, xs1 = _parts(x)
+        yr, yi, ys0, ys1 = _parts(out)
+        args = (ctypes.c_int64 * 16)(
+            xr, xi, xs0, xs1, yr, yi, ys0, ys1, batch, n, q.shape[0], q.data_ptr(),
+            ca.data_ptr(), cb.data_ptr(), cplx, work.data_ptr(),
+        )  # fmt: skip
+        lib.tl_mix[real](args)
+    return out
+
+
+def relaxed_permute(x: torch.Tensor, probs: torch.Tensor, top_only: bool) -> torch.Tensor:
+    """P x with autograd through the compiled chain: Permutation.apply's values and gradients
+    for CPU float32/64 and complex64/128 x (batch, n); needs the compiled library."""
+    if x.dim() != 2 or not x.is_cpu or x.dtype not in (*_REAL, *_REAL.values()):
+        raise ValueError("x must be a CPU (batch, n) float or complex tensor")
+    if library() is None:
+        raise RuntimeError("compiled CPU kernels unavailable")
+    return _RelaxedPermute.apply(x, probs, top_only)

@@ -6,8 +6,11 @@ B a tied butterfly (kernels.butterfly.Butterfly, tied=True: 4(n-1) real numbers,
 complex) and P either the fixed bit-reversal permutation (an index gather) or a learned relaxed
 Permutation (kernels.permutation, share=True: 3 logits). Complex layers take real input,
 compute in complex and return the real part, so W = Re(B_2 P_2 B_1 P_1).
-Inference (no autograd) on the CPU runs compiled: each B through kernels.multiply (the row loop
-or the tiled kernels, complex included) and a learned P through kernels.cpu.permute.
+On the CPU every layer runs factored and compiled, training included: each B through
+kernels.multiply (the row loop or the tiled kernels, complex included, with their backward) and
+a learned P through kernels.cpu.permute (an inference plan, or `relaxed_permute` with its
+gradients when training). `materialised` (B P built in O(n^2), one GEMM) is the earlier
+training path, kept for the bench and as a check.
 
 Init: Butterfly's "ortho" (every 2x2 Haar orthogonal / unitary), so each B is orthogonal /
 unitary and a fixed-P real layer is orthogonal at init (norm-preserving; a complex layer's
@@ -20,7 +23,8 @@ import torch
 from torch import nn
 
 from kernels.butterfly import Butterfly, tied_bp_matrix
-from kernels.cpu.permute import PermutationPlanCache
+from kernels.cpu.compiled import forced_torch, library
+from kernels.cpu.permute import PermutationPlanCache, relaxed_permute
 from kernels.factorize import hierarchical_butterfly
 from kernels.multiply import butterfly_multiply
 from kernels.permutation import Permutation, bit_reversal
@@ -70,8 +74,10 @@ class BPLayer(StructuredLayer):
         if not self.learned:
             return x.index_select(1, self.perm)
         perm = self.perms[block]
-        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in FAST_DTYPES:
+        if x.device.type != "cpu" or x.dtype not in FAST_DTYPES or forced_torch():
             return perm(x)
+        if torch.is_grad_enabled():  # training: the compiled chain with its own backward
+            return perm(x) if library() is None else relaxed_permute(x, perm.probs(), perm.top_only)
         # inference: the compiled chain of relaxed steps (same values as perm(x), no autograd)
         cache = self.__dict__.get("_perm_plans")
         if cache is None:  # layers pickled before the cache existed
@@ -81,17 +87,6 @@ class BPLayer(StructuredLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if (
-            self.learned
-            and torch.is_grad_enabled()
-            and x.device.type == "cpu"
-            and 8 * x.shape[0] >= self.n
-        ):
-            # Training-size batches through a learned P on the CPU: the relaxed P on the whole
-            # batch costs more than B_k P_k built in O(n^2) and one GEMM. A fixed P takes the
-            # factored path, whose compiled training kernels win there (nets section of
-            # `python -m kernels.cpu.bench`: materialised against factored).
-            return self.materialised(x)
         for block, bfly in enumerate(self.butterflies):
             x = bfly(self._permute(block, x))
         return x.real if x.is_complex() else x

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels.cpu import compiled
-from kernels.cpu.permute import PermutationPlanCache, RelaxedPermutationPlan
+from kernels.cpu.permute import PermutationPlanCache, RelaxedPermutationPlan, relaxed_permute
 from kernels.permutation import Permutation
 from kernels.structured.butterfly_layer import BPLayer
 
@@ -80,3 +80,49 @@ def test_layers_infer_like_they_train(nblocks: int, gen: torch.Generator) -> Non
                 err = ((y.double() - exact).abs().max() / exact.abs().max()).item()
                 what = f"complex={complex_} learned={learned} batch={batch}"
                 assert y.dtype == torch.float32 and err <= 1e-5, f"{what}: {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64", "c64", "c128"])
+def test_training_chain_matches_the_torch_permutation(
+    dtype: torch.dtype, gen: torch.Generator
+) -> None:
+    """relaxed_permute's values and gradients (x and logits) against Permutation.apply in
+    float64 / complex128: shared, per level and top only; batch 1, one partial tile and
+    several tiles with a rest; x with and without a gradient."""
+    wide = torch.complex128 if dtype.is_complex else torch.float64
+    tol = 1e-12 if dtype in (torch.float64, torch.complex128) else 2e-5
+    for n in (4, 16, 256):
+        for share, top_only in ((True, False), (False, False), (False, True)):
+            perm = Permutation(n, share=share, generator=gen, top_only=top_only)
+            if tol < 1e-6:
+                perm = perm.double()  # probabilities in x's precision
+            for batch in (1, 5, 37):
+                x = torch.randn(batch, n, dtype=dtype, generator=gen)
+                w = torch.randn(batch, n, dtype=wide, generator=gen)
+                x64 = x.to(wide, copy=True).requires_grad_()
+                logits64 = perm.logits.detach().double().requires_grad_()
+                ref = perm.apply(x64, torch.sigmoid(logits64))
+                want = torch.autograd.grad((ref * w).real.sum(), [x64, logits64])
+                for x_grad in (True, False):
+                    xin = x.clone().requires_grad_(x_grad)
+                    perm.logits.grad = None
+                    y = relaxed_permute(xin, perm.probs(), top_only)
+                    (y * w.to(dtype)).real.sum().backward()
+                    what = f"n={n} share={share} top_only={top_only} batch={batch}"
+                    scale = want[1].abs().max().item() + 1e-30
+                    assert (y.to(wide) - ref).abs().max() <= tol * 10, what
+                    assert (
+                        perm.logits.grad.double() - want[1]
+                    ).abs().max() <= tol * scale * batch, what
+                    if x_grad:
+                        assert (xin.grad.to(wide) - want[0]).abs().max() <= tol * 10, what
+                    else:
+                        assert xin.grad is None, what
+
+
+def test_training_chain_rejects_bad_input() -> None:
+    perm = Permutation(8)
+    with pytest.raises(ValueError, match="batch, n"):
+        relaxed_permute(torch.randn(2, 2, 8), perm.probs(), False)
+    with pytest.raises(ValueError, match="batch, n"):
+        relaxed_permute(torch.randn(2, 8, dtype=torch.float16), perm.probs(), False)
