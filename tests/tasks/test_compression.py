@@ -57,6 +57,12 @@ def test_grayscale_is_the_channel_average() -> None:
     img = np.zeros((1, 32, 32, 3), np.uint8)
     img[0, 0, 0] = (30, 60, 90)
     assert grayscale(img)[0, 0] == pytest.approx(60.0) and grayscale(img).shape == (1, 1024)
+    rng = np.random.default_rng()
+    many = rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)  # sums up to 765: no wrap
+    many[0, 0, 0] = 255
+    want = many.astype(np.float32).mean(axis=-1).reshape(50, -1)  # the float32 mean
+    got = grayscale(many)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
 
 
 def test_features_split_and_standardise_with_training_statistics() -> None:
