@@ -288,10 +288,14 @@ def _recover_matrix(args: argparse.Namespace) -> int:
 
 
 def cmd_recover_worker(args: argparse.Namespace) -> int:
-    """Join a running cell's study from another process or machine (shared storage)."""
-    from tasks.recovery import run_worker
+    """Join cells' studies from another process or machine (shared storage): one named study,
+    or every cell a coordinator opens until none has opened for --idle seconds."""
+    from tasks.recovery import run_worker, serve
 
-    run_worker(args.storage, args.work_dir, args.study, args.worker)
+    if args.study:
+        run_worker(args.storage, args.work_dir, args.study, args.worker)
+    else:
+        serve(args.storage, args.work_dir, args.worker, args.idle, _log)
     return 0
 
 
@@ -328,9 +332,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--name recovery_<suffix>, e.g. factors_full)",
     )
     rec.set_defaults(func=cmd_recover)
-    wrk = sub.add_parser("recover-worker", help="join a recovery cell's study (shared storage)")
+    wrk = sub.add_parser(
+        "recover-worker", help="join the recovery cells of a shared storage (other machines)"
+    )
     wrk.add_argument("--storage", required=True, help="Optuna storage URL shared by all workers")
-    wrk.add_argument("--study", required=True)
+    wrk.add_argument("--study", help="join only this study (default: every cell as it opens)")
+    wrk.add_argument(
+        "--idle", type=float, default=600.0, help="exit after this many seconds with no open cell"
+    )
     wrk.add_argument("--work-dir", default=".suite-tmp/worker")
-    wrk.add_argument("--worker", type=int, default=0)
+    wrk.add_argument("--worker", type=int, default=1, help="seeds this worker's sampler")
     wrk.set_defaults(func=cmd_recover_worker)
