@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kernels import bp_matrix
+from kernels.atomic import atomic_save
 from kernels.multiply import PlanCache, butterfly_multiply
 from kernels.permutation import Permutation
 from kernels.reference import log2_exact
@@ -374,10 +375,7 @@ def save_factors(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": meta or {},
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    atomic_save(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_factors(path: str | Path) -> ButterflyStack:

@@ -45,16 +45,6 @@ def _scratch(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Swap a finished folder into place; the old one goes only once the new one is whole."""
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        dst.rename(old)
-    src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _row(rec: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     row = {k: v for k, v in rec.items() if k not in ("curve", "state", "net", "lr_candidates")}
     row["compression_factor"] = paper.compression_factor(int(rec["hidden_params"]))
@@ -171,7 +161,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                     "hidden_params": df.hidden_params.iloc[0],
                 }
             )
-        _replace_dir(work, out)
+        results.replace_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     best = df.test_accuracy
