@@ -43,10 +43,14 @@ class BenchmarkFailed(ValueError):
 def speed_params(path: str, profile: str | None, only: str | None = None):
     """(profile, SpeedParams), restricted to --only-providers when given."""
     from tasks.speed.cases import SpeedParams
+    from tasks.speed.providers import PROVIDERS, check_params
 
     profile, p = params.load_stage(path, "speed", SpeedParams, profile)
+    try:
+        check_params(p)
+    except ValueError as exc:
+        raise params.ParamsError(f"speed (profile {profile}): {exc}") from None
     if only:
-        from tasks.speed.providers import PROVIDERS
 
         names = [s.strip() for s in only.split(",") if s.strip()]
         bad = [s for s in names if s not in PROVIDERS]
