@@ -162,8 +162,9 @@ class Butterfly(nn.Module):
 def tied_bp_matrix(twiddle: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
     """The n x n matrix of B P for a tied twiddle (n-1, 2, 2), in O(n^2).
 
-    Uses M_k = BF_k (I_2 (x) M_{k/2}) Q_k (PAPER.md section 7) with M_2 = BF_2; probs (levels
-    or 1, 3) are the relaxed permutation's, or None for P = I. See kernels/bp_matrix.py.
+    Uses M_k = BF_k (I_2 (x) M_{k/2}) Q_k (docs/protocol.md section 7) with M_2 = BF_2;
+    probs (levels or 1, 3) are the relaxed permutation's, or None for P = I. See
+    kernels/bp_matrix.py.
     """
     return bp_matrix.tied_bp_matrix(twiddle, probs)
 

@@ -34,7 +34,8 @@ CPU_CELL = dict(device="cpu", batch=1, dtype="float32", direction="forward")
 GPU_CELL = dict(device="cuda", batch=256, dtype="float32", direction="forward_backward")
 """The set-ups of the paper's speed figure and of its GPU claim (suite.paper texts)."""
 CPU_CLAIM_NS = (paper.COMPRESSION_N, max(paper.SPEED_SIZES))
-"""The speed figure's N of the compression layer (the abstract's 4X, PAPER.md) and its largest N."""
+"""The speed figure's N of the compression layer (the abstract's 4X, docs/protocol.md section 3)
+and its largest N."""
 DENSE = speed_report.DENSE_BASELINE["float32"]
 RUN = {"recover": "`dvc repro recover`", "compress": "`dvc repro compress-report`",
        "data": "`dvc repro data`", "compare": "`suite compare`",

@@ -203,7 +203,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     spd = sub.add_parser(
         "speed",
-        help="speed benchmarks on this machine (PAPER.md section 4)",
+        help="speed benchmarks on this machine (docs/protocol.md section 4)",
         parents=[params_parser()],
     )
     spd.add_argument("--out-dir", default="reports/speed")

@@ -7,7 +7,7 @@ Shapes: x (batch, n) -> y (batch, n) (rfft: (batch, n/2 + 1) complex); weights n
 tied twiddles (1, n-1, 2, 2), untied (1, log2 n, n/2, 2, 2) (layout: kernels/reference.py).
 
 flops and bytes are models, per forward call: bytes is the compulsory traffic (inputs read
-once, outputs written once, parameters read once: PAPER.md section 6's floor), so
+once, outputs written once, parameters read once: docs/protocol.md section 6's floor), so
 bytes / time against the machine's copy bandwidth says how close a kernel is to the limit.
 forward_backward multiplies both by the provider's `backward_factor`.
 """

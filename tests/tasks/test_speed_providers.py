@@ -55,7 +55,7 @@ def test_registry_entries_are_well_formed() -> None:
             assert prov.flops_for(case) > 0 and prov.bytes_for(case) > 0
     fb = Case("cpu", 1024, 256, "float32", "forward_backward")
     assert PROVIDERS["dense_fp32"].flops_for(fb) == 3 * 2.0 * 256 * 1024**2
-    # the butterfly floor of PAPER.md section 6: read x, write y (+ small twiddles)
+    # the butterfly floor of docs/protocol.md section 6: read x, write y (+ small twiddles)
     fwd = Case("cuda", 1024, 16384, "float32", "forward")
     assert PROVIDERS["butterfly_triton"].bytes_for(fwd) == pytest.approx(
         2 * 16384 * 1024 * 4, rel=0.01
