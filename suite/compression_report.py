@@ -29,7 +29,7 @@ import seaborn as sns  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from suite import paper  # noqa: E402
-from suite.report import _require, _save_figure  # noqa: E402
+from suite.plotting import require, save_figure  # noqa: E402
 
 FAMILIES = (
     ("dense", "unconstrained"),
@@ -76,7 +76,7 @@ def _with_protocol(df: pd.DataFrame) -> pd.DataFrame:
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per method: mean and std over seeds of accuracy and latency, in table order."""
-    _require(df, ["method", "seed", "test_accuracy", "hidden_params"], "compression table")
+    require(df, ["method", "seed", "test_accuracy", "hidden_params"], "compression table")
     df = _with_protocol(df)
     order = list(dict.fromkeys(df.method))
     agg = df.groupby("method", sort=False).agg(
@@ -315,7 +315,7 @@ def figure(df: pd.DataFrame, path: Path) -> None:
         fontsize=11,
     )
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _threads(df: pd.DataFrame) -> str:
