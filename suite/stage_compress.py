@@ -207,6 +207,11 @@ def keep_other_profiles(new: pd.DataFrame, path: Path, required: tuple[str, ...]
 
 
 def cmd_compress_report(args: argparse.Namespace) -> int:
+    if args.figure_only:  # a figure edit: redraw from the committed table, no runs needed
+        df = results.read_table(Path(args.table), results.COMPRESSION_COLUMNS)
+        compression_report.figure(df, Path(args.figure))
+        log(f"[compress-report] {args.table} -> {args.figure}")
+        return 0
     profile, p = compress_params(args.params, args.profile)
     df, curves, missing = collect(Path(args.runs), p.methods, args.allow_missing)
     partial = (profile, missing) if missing else None
@@ -255,6 +260,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("--figure", default="reports/figures/compression.png")
     rep.add_argument("--summary", default="reports/compression.md")
     rep.add_argument("--metrics", default="reports/compression_metrics.json")
+    rep.add_argument(
+        "--figure-only",
+        action="store_true",
+        help="only redraw --figure from --table (no outputs/compress needed)",
+    )
     rep.add_argument(
         "--allow-missing",
         action="store_true",
