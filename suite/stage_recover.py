@@ -26,7 +26,7 @@ from suite import environment, params, results, tracking
 from suite.stage import log, params_parser
 
 REPO = Path(__file__).resolve().parents[1]
-CODE = ("kernels/*.py", "tasks/targets.py", "tasks/recovery/*.py")
+CODE = ("kernels/*.py", "kernels/cpu/*.py", "tasks/targets.py", "tasks/recovery/*.py")
 LEARNED = ("bp", "bpp", "bpbp")
 
 
