@@ -179,18 +179,21 @@ def _cpu_figure(df: pd.DataFrame | None, out_dir: Path, figure: Path, p: Any) ->
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    long = speed_report.load_reports(Path(args.speed_dir))
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri.startswith(("http://", "https://")):
+    shared = uri.startswith(("http://", "https://"))
+    folder = Path(args.speed_dir)
+    if shared and not any(folder.glob("*.json")):  # every device on the server, none here
+        long = pd.DataFrame(columns=[*speed_report.KEYS, "device_slug", *speed_report.METRICS])
+    else:
+        long = speed_report.load_reports(folder)
+    if shared:
         # Other machines' runs on a shared server; a device with a local file keeps the file's
-        # numbers. Reading runs is tracking.py's job: until it offers speed_runs(), say so.
-        reader = getattr(tracking, "speed_runs", None)
-        if reader is None:
-            log("[compare] note: reading speed runs from MLflow is not wired yet; files only")
-        else:
-            remote = speed_report.rows_from_runs(reader("speed"))
-            remote = remote[~remote.device_slug.isin(long.device_slug.unique())]
-            long = pd.concat([long, remote], ignore_index=True)
+        # numbers. An unreachable server is the one-line TrackingUnavailable.
+        tracking.configure(Path.cwd())
+        remote = speed_report.rows_from_runs(tracking.speed_runs("speed"))
+        remote = remote[~remote.device_slug.isin(long.device_slug.unique())]
+        log(f"[compare] {uri}: {remote.device_slug.nunique()} more device(s)")
+        long = pd.concat([long, remote], ignore_index=True)
     wide = speed_report.compare_table(long)
     results.write_table(wide, Path(args.out), speed_report.KEYS)
     figures = speed_report.compare_figures(long, Path(args.figures_dir))

@@ -4,6 +4,8 @@ Usage::
 
     with Postgres(require_postgres()) as pg:     # skip (locally) or fail (CI=true) when absent
         url = pg.database("optuna")              # postgresql://suite@127.0.0.1:<port>/optuna
+        with MlflowServer(pg.database("mlflow"), tmp) as server:   # server.url: http://...
+            ...
 
 The cluster lives in a fresh folder under the system temp dir and is removed on exit. The server
 refuses to run as root, so as root it runs as the `postgres` system user (or `nobody`).
@@ -11,11 +13,15 @@ refuses to run as root, so as root it runs as the `postgres` system user (or `no
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -106,3 +112,45 @@ class Postgres:
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1:<free port> with its runs in a PostgreSQL database: the
+    shared dashboard several machines log to. Its own process group, stopped as one."""
+
+    def __init__(self, store: str, root: Path):
+        from suite import dashboard
+
+        self.port, self.root = free_port(), root
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = dashboard.server_command(store, "127.0.0.1", self.port)
+        self.cmd += ["--artifacts-destination", (root / "artifacts").as_uri()]
+
+    def __enter__(self) -> MlflowServer:
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # fmt: skip
+        self.log = (self.root / "mlflow-server.log").open("wb")
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,  # its own process group: stopped as one
+        )  # fmt: skip
+        deadline = time.monotonic() + 180  # a fresh database: MLflow's migrations first
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                tail = (self.root / "mlflow-server.log").read_text()[-2000:]
+                raise RuntimeError(f"mlflow server did not start: {tail}")
+            time.sleep(0.3)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=grace)
+        self.log.close()

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +25,13 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from postgres import Postgres, require_postgres  # noqa: E402
+from postgres import MlflowServer, Postgres  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")]
 CELLS = "randn:8,dft:8"  # randn first: never solved, so its whole plan runs (and is retried)
 HOST = socket.gethostname()
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Postgres]:
-    with Postgres(require_postgres()) as server:
-        yield server
 
 
 def _params(tmp: Path, storage: str | None, workers: int) -> Path:
@@ -63,30 +56,27 @@ def _params(tmp: Path, storage: str | None, workers: int) -> Path:
     return path
 
 
-def _env(tmp: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-    }
+def _env(tracking: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+            "MLFLOW_TRACKING_URI": tracking}  # fmt: skip
 
 
-def _suite(tmp: Path, *args: str) -> subprocess.Popen:
+def _suite(tmp: Path, *args: str, tracking: str = "") -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "suite.cli", *args],
         cwd=tmp,
-        env=_env(tmp),
+        env=_env(tracking or f"sqlite:///{tmp / 'mlflow.db'}"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
 
 
-def _coordinate(tmp: Path, params: Path) -> subprocess.Popen:
+def _coordinate(tmp: Path, params: Path, tracking: str = "") -> subprocess.Popen:
     return _suite(
         tmp, "recover", "--params", str(params), "--profile", "smoke", "--only", CELLS,
         "--reports", str(tmp / "reports"), "--name", "grid", "--factors", str(tmp / "factors"),
+        tracking=tracking,
     )  # fmt: skip
 
 
@@ -112,13 +102,13 @@ def _held_by(study: optuna.Study, worker: str) -> list[int]:
     ]
 
 
-def _check_once(tmp: Path) -> pd.DataFrame:
+def _check_once(tmp: Path, tracking: str = "") -> pd.DataFrame:
     """One table, one factors folder, one parent run and one child per row: nothing twice."""
     df = pd.read_csv(tmp / "reports" / "grid.csv")
     assert not df.duplicated(["target", "n", "method"]).any()
     assert set(df.target) == {"randn", "dft"} and len(df) == 2 * 5  # bp + 4 baselines each
     assert sorted(p.name for p in (tmp / "factors").iterdir()) == ["dft-8-bp.pt", "randn-8-bp.pt"]
-    mlflow.set_tracking_uri(_env(tmp)["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(tracking or f"sqlite:///{tmp / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["recover"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
@@ -133,13 +123,14 @@ def _row(df: pd.DataFrame, target: str) -> dict[str, Any]:
 
 
 def test_workers_on_postgres_share_cells_and_retry_a_killed_worker(
-    pg: Postgres, tmp_path: Path
+    pg: Postgres, mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
+    """Trials on PostgreSQL; the coordinator's runs on an MLflow server backed by it."""
     storage = pg.database("optuna_grid")
     params = _params(tmp_path, storage, workers=1)
     worker = ["recover-worker", "--storage", storage, "--idle", "120"]
     victim, survivor = (_suite(tmp_path, *worker, "--worker", str(k)) for k in (1, 2))
-    coordinator = _coordinate(tmp_path, params)
+    coordinator = _coordinate(tmp_path, params, mlflow_server.url)
     try:
         randn = _study(storage, "randn")
         deadline = time.monotonic() + 120
@@ -176,7 +167,7 @@ def test_workers_on_postgres_share_cells_and_retry_a_killed_worker(
     assert optuna.trial.TrialState.RUNNING not in states
     assert optuna.trial.TrialState.WAITING in states
 
-    df = _check_once(tmp_path)
+    df = _check_once(tmp_path, mlflow_server.url)
     assert bool(_row(df, "dft")["recovered"]) and not bool(_row(df, "randn")["recovered"])
 
     # the same grid on one machine with the local default storage: the same numbers
