@@ -1,6 +1,6 @@
 """The learned matrix of B P (tied twiddles, relaxed permutation) in O(n^2), with few passes.
 
-M_k = BF_k (I_2 (x) M_{k/2}) Q_k (PAPER.md section 7), M_2 = BF_2. One level is one autograd
+M_k = BF_k (I_2 (x) M_{k/2}) Q_k (docs/protocol.md section 7), M_2 = BF_2. One level is one autograd
 Function: the column reversals of Q_k = R E act on the half-size M_{k/2} (row scaling commutes
 with column ops), the scaling writes the k x k block once, and the even/odd mix E reads it
 through a strided view. Every tensor may carry leading (trial) dims; probs are real.

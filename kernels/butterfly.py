@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kernels import bp_matrix
+from kernels.atomic import atomic_save
 from kernels.multiply import PlanCache, butterfly_multiply
 from kernels.permutation import Permutation
 from kernels.reference import log2_exact
@@ -161,8 +162,9 @@ class Butterfly(nn.Module):
 def tied_bp_matrix(twiddle: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
     """The n x n matrix of B P for a tied twiddle (n-1, 2, 2), in O(n^2).
 
-    Uses M_k = BF_k (I_2 (x) M_{k/2}) Q_k (PAPER.md section 7) with M_2 = BF_2; probs (levels
-    or 1, 3) are the relaxed permutation's, or None for P = I. See kernels/bp_matrix.py.
+    Uses M_k = BF_k (I_2 (x) M_{k/2}) Q_k (docs/protocol.md section 7) with M_2 = BF_2;
+    probs (levels or 1, 3) are the relaxed permutation's, or None for P = I. See
+    kernels/bp_matrix.py.
     """
     return bp_matrix.tied_bp_matrix(twiddle, probs)
 
@@ -374,10 +376,7 @@ def save_factors(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": meta or {},
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    atomic_save(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_factors(path: str | Path) -> ButterflyStack:

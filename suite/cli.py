@@ -21,10 +21,6 @@ from suite import (
 )
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def cmd_env(args: argparse.Namespace) -> int:
     print(json.dumps(environment.fingerprint(), indent=2, sort_keys=True))
     return 0

@@ -29,7 +29,7 @@ import seaborn as sns  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from suite import paper  # noqa: E402
-from suite.report import _require, _save_figure  # noqa: E402
+from suite.plotting import place_labels, require, save_figure  # noqa: E402
 
 FAMILIES = (
     ("dense", "unconstrained"),
@@ -76,7 +76,7 @@ def _with_protocol(df: pd.DataFrame) -> pd.DataFrame:
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per method: mean and std over seeds of accuracy and latency, in table order."""
-    _require(df, ["method", "seed", "test_accuracy", "hidden_params"], "compression table")
+    require(df, ["method", "seed", "test_accuracy", "hidden_params"], "compression table")
     df = _with_protocol(df)
     order = list(dict.fromkeys(df.method))
     agg = df.groupby("method", sort=False).agg(
@@ -245,10 +245,11 @@ def figure(df: pd.DataFrame, path: Path) -> None:
     s = summary(df)
     s["family"] = s.method.map(family)
     sns.set_theme(style="whitegrid", context="notebook")
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 7.5), sharey=True)
     palette = dict(
         zip([f[1] for f in FAMILIES], sns.color_palette("tab10", len(FAMILIES)), strict=True)
     )
+    labels: dict[plt.Axes, list] = {ax: [] for ax in axes}
     for ax, xcol, xlabel in (
         (axes[0], "hidden_params", "hidden-layer parameters (log scale)"),
         (axes[1], "hidden_b1_ms", "hidden-layer inference latency, batch 1, ms (log scale)"),
@@ -264,14 +265,7 @@ def figure(df: pd.DataFrame, path: Path) -> None:
                 label=fam,
                 capsize=3,
             )
-            for _, r in g.iterrows():
-                ax.annotate(
-                    r.method,
-                    (r[xcol], r.test_mean),
-                    fontsize=7,
-                    xytext=(4, 3),
-                    textcoords="offset points",
-                )
+            labels[ax] += [(r.method, r[xcol], r.test_mean, {}) for _, r in g.iterrows()]
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
     for row in paper.COMPRESSION.values():
@@ -286,13 +280,8 @@ def figure(df: pd.DataFrame, path: Path) -> None:
             linewidth=1.2,
             zorder=5,
         )
-        axes[0].annotate(
-            f"paper: {row.label}",
-            (p_hidden, row.accuracy),
-            fontsize=7,
-            xytext=(4, -10),
-            textcoords="offset points",
-            color="dimgray",
+        labels[axes[0]].append(
+            (f"paper: {row.label.split(',')[0]}", p_hidden, row.accuracy, {"color": "dimgray"})
         )
     axes[0].scatter(
         [],
@@ -315,7 +304,9 @@ def figure(df: pd.DataFrame, path: Path) -> None:
         fontsize=11,
     )
     fig.tight_layout()
-    _save_figure(fig, path)
+    for ax, items in labels.items():  # once the layout is final: labels are placed in pixels
+        place_labels(ax, items)
+    save_figure(fig, path)
 
 
 def _threads(df: pd.DataFrame) -> str:

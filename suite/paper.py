@@ -1,6 +1,6 @@
-"""The published numbers of Dao et al. 2019 (PAPER.md), as data: the one place they live.
+"""The published numbers of Dao et al. 2019 (docs/protocol.md), as data: the one place they live.
 
-Every number carries a `source` note; numbers that PAPER.md marks "(unverified)" (they come
+Every number carries a `source` note; numbers that docs/protocol.md marks unverified (they come
 from third-party transcriptions of the paper's tables) carry `unverified=True`. Accessors
 return None for cells the paper did not publish, so callers can say "not in paper".
 """
@@ -14,11 +14,13 @@ from types import MappingProxyType
 from tasks.recovery.params import RECOVERED_RMSE
 
 ABSTRACT = "paper abstract (arXiv 1903.05895)"
-RESULT_FILES = "authors' result files, HazyResearch/butterfly learning_transforms (PAPER.md §2)"
-PROTOCOL = "authors' code, HazyResearch/butterfly learning_transforms (PAPER.md §2)"
-TRANSCRIPTION = "third-party transcription of the paper's compression table (PAPER.md §3)"
-SPEED_FIGURE = "paper's speed figure (PAPER.md §4)"
-LATER_WORK = "Le et al. ICASSP 2022 / Zheng et al. SIMODS 2023 (PAPER.md §5)"
+RESULT_FILES = (
+    "authors' result files, HazyResearch/butterfly learning_transforms (docs/protocol.md §2)"
+)
+PROTOCOL = "authors' code, HazyResearch/butterfly learning_transforms (docs/protocol.md §2)"
+TRANSCRIPTION = "third-party transcription of the paper's compression table (docs/protocol.md §3)"
+SPEED_FIGURE = "paper's speed figure (docs/protocol.md §4)"
+LATER_WORK = "Le et al. ICASSP 2022 / Zheng et al. SIMODS 2023 (docs/protocol.md §5)"
 
 
 @dataclass(frozen=True)

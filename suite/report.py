@@ -22,42 +22,9 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from suite import paper  # noqa: E402
-from suite.results import atomic_save  # noqa: E402
+from suite.plotting import require, save_figure, short_sci  # noqa: E402
 
 # --- shared helpers ------------------------------------------------------------------------
-
-DPI = 150
-
-
-def _require(df: pd.DataFrame, columns: Sequence[str], where: str) -> None:
-    """A ValueError naming the missing columns, or the emptiness, of df."""
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{where}: missing column(s) {missing}; have {list(df.columns)}")
-    if df.empty:
-        raise ValueError(f"{where}: the table has no rows")
-
-
-def short_sci(x: float | None, digits: int = 1) -> str:
-    """Short scientific form with `digits` significant digits: 3.2e-06 -> '3e-6' (digits=1),
-    0.019 -> '1.9e-2' (digits=2), 1e-4 -> '1e-4'; NaN/None -> ''."""
-    if x is None or not math.isfinite(x):
-        return ""
-    if x == 0:
-        return "0"
-    mant, exp = f"{x:.{max(digits, 1) - 1}e}".split("e")
-    if "." in mant:
-        mant = mant.rstrip("0").rstrip(".")
-    return f"{mant}e{int(exp)}"
-
-
-def _save_figure(fig: plt.Figure, path: Path) -> None:
-    """Save fig as PNG atomically (temp file beside path, then rename) and close it."""
-    try:
-        atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
-    finally:
-        plt.close(fig)
-
 
 def _flag(x: object) -> bool:
     """True for a true-ish cell value (bool, numpy bool, 1); False for NaN/None/False."""
@@ -137,7 +104,7 @@ def recovery_figure(df: pd.DataFrame, path: Path) -> None:
     df: one row per (target, n, method) with at least target, n, method, rmse (and profile,
     budget_capped if present). Bold, boxed cells reached RMSE <= 1e-4; grey cells were not run.
     """
-    _require(df, _RECOVERY_REQUIRED, "recovery_figure")
+    require(df, _RECOVERY_REQUIRED, "recovery_figure")
     df = paper_convention(df)
     df = df.assign(n=df["n"].astype(int), target=df["target"].astype(str))
     rows, cols = _target_order(df), sorted(df["n"].unique().tolist())
@@ -247,7 +214,7 @@ def recovery_figure(df: pd.DataFrame, path: Path) -> None:
     if any_capped:
         note += ";  * = search stopped by the budget cap"
     fig.text(0.5, 1 - 0.58 / fig_h, note, ha="center", va="center", fontsize=9, color="#333333")
-    _save_figure(fig, Path(path))
+    save_figure(fig, Path(path))
 
 
 def recovery_verdicts(df: pd.DataFrame) -> pd.DataFrame:
@@ -259,7 +226,7 @@ def recovery_verdicts(df: pd.DataFrame) -> pd.DataFrame:
     (some cell missed the line when its budget cap stopped it: wins over all three), "not run",
     "not in paper" (a target the paper has no result for).
     """
-    _require(df, _RECOVERY_REQUIRED, "recovery_verdicts")
+    require(df, _RECOVERY_REQUIRED, "recovery_verdicts")
     df = paper_convention(df)
     df = df.assign(n=df["n"].astype(int), target=df["target"].astype(str))
     cells = best_cells(df, paper.LEARNED_METHODS)
@@ -314,7 +281,7 @@ def _ns(ns: Sequence[int]) -> str:
     return ",".join(str(n) for n in ns)
 
 
-def _paper_outcome(target: str) -> str:
+def paper_outcome(target: str) -> str:
     """One-line summary of the paper's result for a target."""
     t = paper.RECOVERY.get(target)
     if t is None:
@@ -334,7 +301,7 @@ def _paper_outcome(target: str) -> str:
 
 def recovery_markdown(df: pd.DataFrame) -> str:
     """Markdown: learned RMSE per target x N (✓ = recovered), the paper's result, a verdict."""
-    _require(df, _RECOVERY_REQUIRED, "recovery_markdown")
+    require(df, _RECOVERY_REQUIRED, "recovery_markdown")
     df = paper_convention(df)
     df = df.assign(n=df["n"].astype(int), target=df["target"].astype(str))
     cells = best_cells(df, paper.LEARNED_METHODS)
@@ -361,7 +328,7 @@ def recovery_markdown(df: pd.DataFrame) -> str:
             row.append(short_sci(v, 2) + mark + ("*" if capped else ""))
         v = verdicts.loc[t]
         verdict = f"**{v.verdict}**" + (f" ({v.detail})" if v.detail else "")
-        row += [_paper_outcome(t), verdict]
+        row += [paper_outcome(t), verdict]
         lines.append("| " + " | ".join(row) + " |")
 
     hits = sum(

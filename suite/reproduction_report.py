@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from suite import compression_report, paper, report, results, speed_report
-from suite.report import short_sci
+from suite.plotting import short_sci
 
 GAP_TOLERANCE: float = inspect.signature(compression_report.verdict).parameters["tolerance"].default
 """Accuracy points either side of the paper's gap that still count as reproduced."""
@@ -34,7 +34,8 @@ CPU_CELL = dict(device="cpu", batch=1, dtype="float32", direction="forward")
 GPU_CELL = dict(device="cuda", batch=256, dtype="float32", direction="forward_backward")
 """The set-ups of the paper's speed figure and of its GPU claim (suite.paper texts)."""
 CPU_CLAIM_NS = (paper.COMPRESSION_N, max(paper.SPEED_SIZES))
-"""The speed figure's N of the compression layer (the abstract's 4X, PAPER.md) and its largest N."""
+"""The speed figure's N of the compression layer (the abstract's 4X, docs/protocol.md section 3)
+and its largest N."""
 DENSE = speed_report.DENSE_BASELINE["float32"]
 RUN = {"recover": "`dvc repro recover`", "compress": "`dvc repro compress-report`",
        "data": "`dvc repro data`", "compare": "`suite compare`",
@@ -119,7 +120,7 @@ def recovery_claims(inp: Inputs) -> list[Claim]:
     headline = (paper.HEADLINE_RECOVERED.text, f"{p_hits} of {p_total}")
     if df is None:
         why = f"not measured (not run yet: {RUN['recover']})"
-        rows = [(names[t], report._paper_outcome(t)) for t in paper.TARGETS] + [headline]
+        rows = [(names[t], report.paper_outcome(t)) for t in paper.TARGETS] + [headline]
         return [Claim(c, p, "—", "—", why) for c, p in rows]
     env = inp.recovery_env or {}
     src = ", ".join(
@@ -131,7 +132,7 @@ def recovery_claims(inp: Inputs) -> list[Claim]:
     out, agg = [], []
     for t in paper.TARGETS:
         mine, v = cells[cells.target == t].sort_values("n"), verdicts.loc[t]
-        outcome = report._paper_outcome(t)
+        outcome = report.paper_outcome(t)
         if v.verdict == "not run":
             out.append(Claim(names[t], outcome, "—", src, "not measured (not run)"))
             continue

@@ -1,17 +1,22 @@
-"""Tidy result tables and atomic file writes: never a partial file on disk."""
+"""Tidy result tables and atomic file writes: never a partial file on disk.
+
+atomic_save and replace_dir are kernels.atomic's (the one implementation, at the bottom of the
+arrows so that kernels and tasks use it too), re-exported here for the stages.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from kernels.atomic import atomic_save, replace_dir
+
+__all__ = ["atomic_save", "replace_dir"]  # and the table helpers below
 
 RECOVERY_COLUMNS: tuple[str, ...] = (
     "target",
@@ -79,50 +84,6 @@ KEY_COLUMNS: tuple[str, ...] = (
     "seed",
 )
 """Columns that identify a cell; when required, write_table refuses nulls in them."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename on POSIX; a no-op where directories cannot be opened."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_save(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:
-    """Call writer(tmp) on a temp file beside path, fsync it, then rename it over path.
-
-    On any exception (KeyboardInterrupt too) the temp file is removed and path is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        writer(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished folder into place, replacing the old one only once the new one is whole."""
-    if not src.exists():
-        src.mkdir(parents=True)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    old = dst.with_name(f".{dst.name}.old")
-    if dst.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        dst.rename(old)
-    shutil.move(str(src), str(dst))
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

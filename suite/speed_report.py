@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from suite import paper  # noqa: E402
-from suite.report import _save_figure  # noqa: E402
+from suite.plotting import save_figure  # noqa: E402
 
 KEYS = ("provider", "n", "batch", "dtype", "direction")
 METRICS = (
@@ -136,7 +136,7 @@ def cpu_figure(df: pd.DataFrame | None, path: Path, device: str, threads: int | 
     ax.set_title(f"Speed-up over dense, batch 1, float32, {t} thread(s)\n{device}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 # --- cross-device comparison ---------------------------------------------------------------
@@ -201,6 +201,6 @@ def compare_figures(long: pd.DataFrame, folder: Path) -> list[Path]:
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         path = Path(folder) / f"speed_compare_b{batch}_{dtype}_{direction}.png"
-        _save_figure(fig, path)
+        save_figure(fig, path)
         paths.append(path)
     return paths

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -23,15 +22,12 @@ import pandas as pd
 import torch
 
 from suite import compression_report, environment, paper, params, results, tracking
+from suite.stage import log, params_parser
 
 CURVE_COLUMNS = ("method", "seed", "lr", "epoch", "train_loss", "val_accuracy", "seconds")
 PROTOCOL_COLUMNS = ("stopped_by", "still_improving", "patience", "max_epochs", "lr_search")
 """Written beside results.COMPRESSION_COLUMNS: how each run ended and what the lr search saw."""
 MODEL_TYPE = "cifar10-hidden-layer-net"
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def compress_params(path: str, profile: str | None):
@@ -43,16 +39,6 @@ def compress_params(path: str, profile: str | None):
 def _scratch(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Swap a finished folder into place; the old one goes only once the new one is whole."""
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        dst.rename(old)
-    src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _row(rec: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +89,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         data_source=prov["source_kind"],
     )
     run_name = f"compress-{args.method}-{profile}-{fp['commit'][:8]}"
-    _log(f"[compress] {args.method} profile={profile} tracking={uri}")
+    log(f"[compress] {args.method} profile={profile} tracking={uri}")
     rows, curves = [], []
     data = dataset_ref(prov)
     try:
@@ -111,7 +97,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             "compress", run_name, {"profile": profile, **asdict(p)}, tags
         ) as run:
             run.log_dataset(run.run_id, data)
-            for rec in run_method(args.method, arrays, p, _log):
+            for rec in run_method(args.method, arrays, p, log):
                 row = _row(
                     rec,
                     {
@@ -171,11 +157,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
                     "hidden_params": df.hidden_params.iloc[0],
                 }
             )
-        _replace_dir(work, out)
+        results.replace_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     best = df.test_accuracy
-    _log(
+    log(
         f"[compress] {args.method}: test {best.mean():.2f}% over {len(df)} seed(s), "
         f"{int(df.hidden_params.iloc[0])} hidden params -> {out}"
     )
@@ -221,11 +207,16 @@ def keep_other_profiles(new: pd.DataFrame, path: Path, required: tuple[str, ...]
 
 
 def cmd_compress_report(args: argparse.Namespace) -> int:
+    if args.figure_only:  # a figure edit: redraw from the committed table, no runs needed
+        df = results.read_table(Path(args.table), results.COMPRESSION_COLUMNS)
+        compression_report.figure(df, Path(args.figure))
+        log(f"[compress-report] {args.table} -> {args.figure}")
+        return 0
     profile, p = compress_params(args.params, args.profile)
     df, curves, missing = collect(Path(args.runs), p.methods, args.allow_missing)
     partial = (profile, missing) if missing else None
     if missing:
-        _log(f"[compress-report] partial: {len(missing)} method(s) not run yet: {missing}")
+        log(f"[compress-report] partial: {len(missing)} method(s) not run yet: {missing}")
     df = keep_other_profiles(df, Path(args.table), results.COMPRESSION_COLUMNS)
     curves = keep_other_profiles(curves, Path(args.curves), CURVE_COLUMNS)
     results.write_table(df, Path(args.table), results.COMPRESSION_COLUMNS)
@@ -244,27 +235,36 @@ def cmd_compress_report(args: argparse.Namespace) -> int:
         run.set_tags({k: metrics[k] for k in ("gap_verdict", "best_butterfly") if k in metrics})
         for path in (args.table, args.figure, args.summary):
             run.log_artifact(path)
-    _log(f"[compress-report] {len(df)} rows -> {args.table}, {args.figure} ({uri})")
+    log(f"[compress-report] {len(df)} rows -> {args.table}, {args.figure} ({uri})")
     return 0
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    com = sub.add_parser("compress", help="CIFAR-10 single-hidden-layer compression, one method")
+    com = sub.add_parser(
+        "compress",
+        help="CIFAR-10 single-hidden-layer compression, one method",
+        parents=[params_parser()],
+    )
     com.add_argument("--method", required=True)
-    com.add_argument("--params", default="params.yaml")
-    com.add_argument("--profile", choices=params.PROFILES, help="override params.yaml's profile")
     com.add_argument("--data", default="outputs/cifar10")
     com.add_argument("--out", help="default: outputs/compress/<method>")
     com.set_defaults(func=cmd_compress)
-    rep = sub.add_parser("compress-report", help="all methods' rows -> table, figure, metrics")
-    rep.add_argument("--params", default="params.yaml")
-    rep.add_argument("--profile", choices=params.PROFILES, help="override params.yaml's profile")
+    rep = sub.add_parser(
+        "compress-report",
+        help="all methods' rows -> table, figure, metrics",
+        parents=[params_parser()],
+    )
     rep.add_argument("--runs", default="outputs/compress")
     rep.add_argument("--table", default="reports/compression.csv")
     rep.add_argument("--curves", default="reports/compression_curves.csv")
     rep.add_argument("--figure", default="reports/figures/compression.png")
     rep.add_argument("--summary", default="reports/compression.md")
     rep.add_argument("--metrics", default="reports/compression_metrics.json")
+    rep.add_argument(
+        "--figure-only",
+        action="store_true",
+        help="only redraw --figure from --table (no outputs/compress needed)",
+    )
     rep.add_argument(
         "--allow-missing",
         action="store_true",

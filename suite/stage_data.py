@@ -16,12 +16,9 @@ import sys
 from pathlib import Path
 
 from suite import params, results
+from suite.stage import log, params_parser
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def data_sources(path: str | Path) -> list[str]:
@@ -56,7 +53,7 @@ def find_archive(data_dir: Path) -> Path:
 def _dvc_add(data_dir: Path) -> None:
     """Record data_dir in data.dvc (skipped outside a DVC repo or without dvc on PATH)."""
     if not Path(".dvc").is_dir() or shutil.which("dvc") is None:
-        _log("[fetch-data] not a DVC repo or no dvc on PATH: data.dvc not updated")
+        log("[fetch-data] not a DVC repo or no dvc on PATH: data.dvc not updated")
         return
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     proc = subprocess.run(
@@ -71,7 +68,7 @@ def cmd_fetch_data(args: argparse.Namespace) -> int:
     from tasks import cifar10
 
     source = cifar10.resolve_source(data_sources(args.params))
-    _log(f"[fetch-data] source: {source}")
+    log(f"[fetch-data] source: {source}")
     archive = cifar10.fetch(source, Path(args.data_dir))
     if not args.no_dvc_add:
         _dvc_add(Path(args.data_dir))
@@ -100,7 +97,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from tasks import cifar10
 
     archive = find_archive(Path(args.data_dir))
-    _log(f"[data] {archive} -> {args.out}")
+    log(f"[data] {archive} -> {args.out}")
     prov = cifar10.prepare(archive, Path(args.out), progress=_progress())
     results.atomic_write_json(Path(args.provenance), prov)
     print(
@@ -112,9 +109,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     fetch = sub.add_parser(
-        "fetch-data", help="copy or download the raw CIFAR-10 source into data/ (data.dvc)"
+        "fetch-data",
+        help="copy or download the raw CIFAR-10 source into data/ (data.dvc)",
+        parents=[params_parser(profile=False)],
     )
-    fetch.add_argument("--params", default="params.yaml")
     fetch.add_argument("--data-dir", default="data")
     fetch.add_argument("--no-dvc-add", action="store_true", help="do not update data.dvc")
     fetch.set_defaults(func=cmd_fetch_data)

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -24,14 +23,11 @@ from typing import Any
 import pandas as pd
 
 from suite import environment, params, results, tracking
+from suite.stage import log, params_parser
 
 REPO = Path(__file__).resolve().parents[1]
-CODE = ("kernels/*.py", "tasks/targets.py", "tasks/recovery/*.py")
+CODE = ("kernels/*.py", "kernels/cpu/*.py", "tasks/targets.py", "tasks/recovery/*.py")
 LEARNED = ("bp", "bpp", "bpbp")
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _scratch() -> Path:
@@ -127,7 +123,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     run_name = f"{args.name}-{profile}{'-only' if args.only else ''}-{fp['commit'][:8]}"
     grid = cells(p)
     progress = Progress([p.search_for(t, n).seconds_for(n) for t, n, _ in grid])
-    _log(f"[recover] profile={profile} {len(grid)} cells tracking={uri} kept={kept}")
+    log(f"[recover] profile={profile} {len(grid)} cells tracking={uri} kept={kept}")
     rows: list[dict[str, Any]] = []
     kept_cells = 0
     t0 = time.time()
@@ -145,13 +141,13 @@ def cmd_recover(args: argparse.Namespace) -> int:
                 if cached.get("key") == key:
                     cell_rows = cached["rows"]
                     kept_cells += 1
-                    _log(f"[recover] {name} n={n}: kept from an earlier run of this code")
+                    log(f"[recover] {name} n={n}: kept from an earlier run of this code")
                 else:
                     cell_rows = None
             else:
                 cell_rows = None
             if cell_rows is None:
-                records = recover_cell(name, n, model, p, work, _log, pool)
+                records = recover_cell(name, n, model, p, work, log, pool)
                 if records[0].fitted is not None:
                     meta = {"target": name, "n": n, "rmse": records[0].rmse}
                     save_factors(records[0].fitted, cell_pt, meta)
@@ -174,7 +170,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
                     run.log_factors_model(child_id, f"{name}-n{n}-{model}", cell_pt, metrics=finite)
                 rows.append(r)
             first = cell_rows[0]
-            _log(
+            log(
                 progress.step(
                     first["seconds"] or 0.0,
                     bool(first["recovered"]),
@@ -207,7 +203,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
             shutil.copy2(pt, stage / pt.name)
     results.replace_dir(stage, factors_dir)
     shutil.rmtree(work, ignore_errors=True)
-    _log(
+    log(
         f"[recover] {metrics['recovered']}/{metrics['cells']} learned cells recovered "
         f"in {metrics['seconds']:.0f}s -> {table}"
     )
@@ -244,11 +240,11 @@ def _recover_matrix(args: argparse.Namespace) -> int:
     t0 = time.time()
     with trial_pool(sp.workers) or contextlib.nullcontext() as pool:
         for model in models:
-            _log(f"[recover] {args.matrix} n={n}: trying {model}")
-            res, fitted = learn_cell(target, "matrix", model, sp, work, p.storage, _log, pool)
+            log(f"[recover] {args.matrix} n={n}: trying {model}")
+            res, fitted = learn_cell(target, "matrix", model, sp, work, p.storage, log, pool)
             value = float("inf") if fitted is None else rmse(fitted.matrix().detach(), target)
             value = paper_rmse(value, target.is_complex())
-            _log(f"[recover] {model}: rmse={value:.3e}")
+            log(f"[recover] {model}: rmse={value:.3e}")
             if fitted is not None and (best is None or value < best[0]):
                 best = (value, res, fitted)
             if value <= RECOVERED_RMSE:
@@ -288,10 +284,14 @@ def _recover_matrix(args: argparse.Namespace) -> int:
 
 
 def cmd_recover_worker(args: argparse.Namespace) -> int:
-    """Join a running cell's study from another process or machine (shared storage)."""
-    from tasks.recovery import run_worker
+    """Join cells' studies from another process or machine (shared storage): one named study,
+    or every cell a coordinator opens until none has opened for --idle seconds."""
+    from tasks.recovery import run_worker, serve
 
-    run_worker(args.storage, args.work_dir, args.study, args.worker)
+    if args.study:
+        run_worker(args.storage, args.work_dir, args.study, args.worker)
+    else:
+        serve(args.storage, args.work_dir, args.worker, args.idle, log)
     return 0
 
 
@@ -307,9 +307,11 @@ def _parse_cells(text: str) -> list[tuple[str, int]]:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    rec = sub.add_parser("recover", help="transform recovery: learn butterfly factorizations")
-    rec.add_argument("--params", default="params.yaml")
-    rec.add_argument("--profile", choices=params.PROFILES, help="override params.yaml's profile")
+    rec = sub.add_parser(
+        "recover",
+        help="transform recovery: learn butterfly factorizations",
+        parents=[params_parser()],
+    )
     rec.add_argument(
         "--matrix", help="a user matrix (.npy/.txt/.csv) to factorize instead of the grid"
     )
@@ -328,9 +330,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--name recovery_<suffix>, e.g. factors_full)",
     )
     rec.set_defaults(func=cmd_recover)
-    wrk = sub.add_parser("recover-worker", help="join a recovery cell's study (shared storage)")
+    wrk = sub.add_parser(
+        "recover-worker", help="join the recovery cells of a shared storage (other machines)"
+    )
     wrk.add_argument("--storage", required=True, help="Optuna storage URL shared by all workers")
-    wrk.add_argument("--study", required=True)
+    wrk.add_argument("--study", help="join only this study (default: every cell as it opens)")
+    wrk.add_argument(
+        "--idle", type=float, default=600.0, help="exit after this many seconds with no open cell"
+    )
     wrk.add_argument("--work-dir", default=".suite-tmp/worker")
-    wrk.add_argument("--worker", type=int, default=0)
+    wrk.add_argument("--worker", type=int, default=1, help="seeds this worker's sampler")
     wrk.set_defaults(func=cmd_recover_worker)

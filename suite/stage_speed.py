@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from suite import environment, params, results, speed_report, tracking
+from suite.stage import log, params_parser
 
 SPEED_DIR = Path(__file__).resolve().parents[1] / "tasks" / "speed"
 MACHINE_KEYS = ("cpu", "gpu", "driver", "cuda", "torch", "triton", "commit", "env_id")
@@ -39,17 +40,17 @@ class BenchmarkFailed(ValueError):
     """The benchmark process failed (a wrong kernel, a crash): nothing is written."""
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def speed_params(path: str, profile: str | None, only: str | None = None):
     """(profile, SpeedParams), restricted to --only-providers when given."""
     from tasks.speed.cases import SpeedParams
+    from tasks.speed.providers import PROVIDERS, check_params
 
     profile, p = params.load_stage(path, "speed", SpeedParams, profile)
+    try:
+        check_params(p)
+    except ValueError as exc:
+        raise params.ParamsError(f"speed (profile {profile}): {exc}") from None
     if only:
-        from tasks.speed.providers import PROVIDERS
 
         names = [s.strip() for s in only.split(",") if s.strip()]
         bad = [s for s in names if s not in PROVIDERS]
@@ -86,7 +87,7 @@ def run_pytest(cmd: list[str], env: dict[str, str]) -> int:
     )  # fmt: skip
     assert proc.stdout is not None
     for line in proc.stdout:
-        _log(line.rstrip("\n"))
+        log(line.rstrip("\n"))
     return proc.wait()
 
 
@@ -142,7 +143,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
     slug = environment.device_slug(device)
     machine = {**{k: fp.get(k) for k in MACHINE_KEYS}, "device_slug": slug}
     uri = tracking.configure(Path.cwd())  # fail before the long run if the server is down
-    _log(f"[speed] profile={profile} device={device} ({slug}) providers={','.join(p.providers)}")
+    log(f"[speed] profile={profile} device={device} ({slug}) providers={','.join(p.providers)}")
     raw, skipped = measure(p, device, machine)  # BenchmarkFailed: `suite`'s one-line error
     out = Path(args.out_dir) / f"{slug}.json"
     tags = environment.run_tags(fp, "speed", profile, device=slug, device_kind=device)
@@ -160,7 +161,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
                          "copy_bandwidth_gb_s": bw})  # fmt: skip
         run.log_artifact(out)
         run.log_artifact(args.figure)
-    _log(f"[speed] {len(df)} benchmarks, {len(report['skipped'])} skipped -> {out}, "
+    log(f"[speed] {len(df)} benchmarks, {len(report['skipped'])} skipped -> {out}, "
          f"{args.figure} ({uri})")  # fmt: skip
     return 0
 
@@ -178,31 +179,36 @@ def _cpu_figure(df: pd.DataFrame | None, out_dir: Path, figure: Path, p: Any) ->
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    long = speed_report.load_reports(Path(args.speed_dir))
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri.startswith(("http://", "https://")):
+    shared = uri.startswith(("http://", "https://"))
+    folder = Path(args.speed_dir)
+    if shared and not any(folder.glob("*.json")):  # every device on the server, none here
+        long = pd.DataFrame(columns=[*speed_report.KEYS, "device_slug", *speed_report.METRICS])
+    else:
+        long = speed_report.load_reports(folder)
+    if shared:
         # Other machines' runs on a shared server; a device with a local file keeps the file's
-        # numbers. Reading runs is tracking.py's job: until it offers speed_runs(), say so.
-        reader = getattr(tracking, "speed_runs", None)
-        if reader is None:
-            _log("[compare] note: reading speed runs from MLflow is not wired yet; files only")
-        else:
-            remote = speed_report.rows_from_runs(reader("speed"))
-            remote = remote[~remote.device_slug.isin(long.device_slug.unique())]
-            long = pd.concat([long, remote], ignore_index=True)
+        # numbers. An unreachable server is the one-line TrackingUnavailable.
+        tracking.configure(Path.cwd())
+        remote = speed_report.rows_from_runs(tracking.speed_runs("speed"))
+        remote = remote[~remote.device_slug.isin(long.device_slug.unique())]
+        log(f"[compare] {uri}: {remote.device_slug.nunique()} more device(s)")
+        long = pd.concat([long, remote], ignore_index=True)
     wide = speed_report.compare_table(long)
     results.write_table(wide, Path(args.out), speed_report.KEYS)
     figures = speed_report.compare_figures(long, Path(args.figures_dir))
     devices = ", ".join(sorted(long.device_slug.unique()))
-    _log(f"[compare] {len(wide)} rows x devices [{devices}] -> {args.out}, "
+    log(f"[compare] {len(wide)} rows x devices [{devices}] -> {args.out}, "
          f"{len(figures)} figure(s) in {args.figures_dir}")  # fmt: skip
     return 0
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    spd = sub.add_parser("speed", help="speed benchmarks on this machine (PAPER.md section 4)")
-    spd.add_argument("--params", default="params.yaml")
-    spd.add_argument("--profile", choices=params.PROFILES, help="override params.yaml's profile")
+    spd = sub.add_parser(
+        "speed",
+        help="speed benchmarks on this machine (docs/protocol.md section 4)",
+        parents=[params_parser()],
+    )
     spd.add_argument("--out-dir", default="reports/speed")
     spd.add_argument("--figure", default="reports/figures/speed_cpu.png")
     spd.add_argument("--only-providers", help="a comma-separated subset, e.g. butterfly_cpu,fft")

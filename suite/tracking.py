@@ -560,3 +560,44 @@ __all__ = [
     ),
     *("reap_stale_runs", "stage_run", "store_uri", "to_params", "to_metrics", "to_tags"),
 ]
+
+
+def speed_runs(stage: str = "speed") -> list[dict[str, Any]]:
+    """The speed cells of every device on the tracking store, for `suite compare`.
+
+    Per device (the parent run's `device` tag), the newest finished parent run; of it, every
+    child run as {"tags": its tags, "history": {metric: {n: value}}} (`suite speed` logs each
+    metric over step = n). Call `configure` first: an unreachable server is a one-line error.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(stage)
+    if exp is None:
+        return []
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000,
+            order_by=["attributes.start_time DESC"], page_token=token,
+        )  # fmt: skip
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
+    newest: dict[str, str] = {}  # device -> parent run id (runs come newest first)
+    for run in runs:
+        tags = run.data.tags
+        if "mlflow.parentRunId" not in tags and tags.get("device"):
+            newest.setdefault(tags["device"], run.info.run_id)
+    chosen = set(newest.values())
+    out = []
+    for run in runs:
+        if run.data.tags.get("mlflow.parentRunId") not in chosen:
+            continue
+        history = {
+            key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+            for key in run.data.metrics
+        }
+        out.append({"tags": dict(run.data.tags), "history": history})
+    return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import shutil
 import zipfile
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from kernels.atomic import clean_stale, replace_dir, sibling
 from tasks.cifar10_sources import (
     CLASSES,
     IMAGE_SUFFIXES,
@@ -204,33 +204,6 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(f, np.ascontiguousarray(arrays[key]), allow_pickle=False)
 
 
-def _sibling(out_dir: Path, tag: str) -> Path:
-    """A new hidden folder next to out_dir; plain mkdir (not mkdtemp) so it gets the umask's
-    permissions rather than 0700, which would carry over to out_dir when swapped in."""
-    path = out_dir.parent / f".{out_dir.name}.{tag}-{os.getpid()}-{os.urandom(4).hex()}"
-    path.mkdir()
-    return path
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    # Directories cannot be replaced over a non-empty target, so the old one steps aside first;
-    # a kill between the two renames leaves no out_dir (never a mixed one).
-    old = None
-    if out_dir.exists():
-        old = _sibling(out_dir, "old")
-        out_dir.replace(old / "prev")
-    tmp.replace(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _clean_stale(out_dir: Path) -> None:
-    """Remove leftovers of killed runs (one prepare per out_dir at a time)."""
-    for pat in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
-        for p in out_dir.parent.glob(pat):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def prepare(archive: Path, out_dir: Path, progress: Progress | None = None) -> dict:
     """Validate ``archive`` and write ``out_dir/cifar10.npz`` + ``provenance.json``; return the
     provenance. Output is built in a temporary sibling folder and swapped in at the end, so a
@@ -277,8 +250,8 @@ def prepare(archive: Path, out_dir: Path, progress: Progress | None = None) -> d
             )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out_dir)
-    tmp = _sibling(out_dir, "tmp")
+    clean_stale(out_dir)
+    tmp = sibling(out_dir, "tmp")
     try:
         _write_npz(tmp / NPZ_NAME, arrays)
         prov = {
@@ -297,7 +270,7 @@ def prepare(archive: Path, out_dir: Path, progress: Progress | None = None) -> d
             "arrays_sha256": file_digests(tmp / NPZ_NAME)[0],
         }
         (tmp / PROVENANCE_NAME).write_text(json.dumps(prov, indent=2, sort_keys=True) + "\n")
-        _swap_in(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return prov

@@ -1,4 +1,4 @@
-"""The 8 target transforms of PAPER.md section 2, and user matrices loaded from a file.
+"""The 8 target transforms of docs/protocol.md section 2, and user matrices loaded from a file.
 
 Every target is n x n with indices from 0, computed in float64 / complex128.
 """

@@ -6,13 +6,21 @@ study run by workers; grid: the cells and their records; baselines: the closed-f
 
 from tasks.recovery.baselines import BASELINES, baselines
 from tasks.recovery.grid import CellRecord, cells, paper_rmse, recover_cell, run_grid
-from tasks.recovery.params import RECOVERED_RMSE, FieldError, RecoverParams, SearchParams
+from tasks.recovery.params import (
+    RECOVERED_RMSE,
+    FieldError,
+    HeartbeatParams,
+    RecoverParams,
+    SearchParams,
+)
 from tasks.recovery.search import (
     CellResult,
     StalledOrHyperband,
     learn_cell,
+    open_cells,
     open_storage,
     run_worker,
+    serve,
     trial_pool,
 )
 from tasks.recovery.train import LBFGSConfig, mse, polish
@@ -23,6 +31,7 @@ __all__ = [
     "CellRecord",
     "CellResult",
     "FieldError",
+    "HeartbeatParams",
     "LBFGSConfig",
     "RecoverParams",
     "SearchParams",
@@ -31,11 +40,13 @@ __all__ = [
     "cells",
     "learn_cell",
     "mse",
+    "open_cells",
     "open_storage",
     "paper_rmse",
     "polish",
     "recover_cell",
     "run_grid",
     "run_worker",
+    "serve",
     "trial_pool",
 ]

@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,10 @@ def recover_cell(
     """The learned row of one cell, then its closed-form rows."""
     target = target_matrix(name, n)
     sp = params.search_for(name, n)
-    res, fitted = learn_cell(target, name, model, sp, work_dir, params.storage, log, pool)
+    heartbeat = asdict(params.heartbeat)
+    res, fitted = learn_cell(
+        target, name, model, sp, work_dir, params.storage, log, pool, heartbeat
+    )
     value = res.rmse
     if fitted is not None:
         with torch.no_grad():

@@ -157,6 +157,24 @@ class SearchParams:
 
 
 @dataclass(frozen=True)
+class HeartbeatParams:
+    """Liveness of trials on a shared database storage (Optuna's heartbeat; RDB URLs only)."""
+
+    interval: int = 60  # seconds between heartbeats of a running trial
+    grace: int = 180  # a trial silent this long is failed and queued again ...
+    retries: int = 2  # ... at most this many times
+
+    def validate(self) -> None:
+        for name in ("interval", "grace"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"{name} must be >= 1 second")
+        if self.grace <= self.interval:
+            raise FieldError("grace", "grace must exceed interval (a live trial looks dead)")
+        if self.retries < 0:
+            raise FieldError("retries", "retries must be >= 0")
+
+
+@dataclass(frozen=True)
 class RecoverParams:
     """The recover stage: which cells, which models, which baselines, and the search."""
 
@@ -165,6 +183,7 @@ class RecoverParams:
     baselines: list[str]
     search: SearchParams
     storage: str | None = None  # Optuna storage URL; None = a journal file in the work dir
+    heartbeat: HeartbeatParams = field(default_factory=HeartbeatParams)
     target_budget: dict[str, float] = field(default_factory=dict)  # target -> x trials and cap
 
     def validate(self) -> None:

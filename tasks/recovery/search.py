@@ -7,12 +7,23 @@ or elsewhere with `suite recover-worker`) take trials in groups of `batch_for(n)
 group as one vectorised model in epochs, polish, report to the pruner (Hyperband, optionally
 with a stall rule) and stop every trial once one reaches `threshold_mse`. At the end the best
 `final_top` trials get `final_steps` more L-BFGS calls with the permutation frozen.
+
+On a shared database (an RDB URL such as postgresql://) each running trial sends Optuna's
+heartbeat; a trial whose worker died is failed after the grace period and queued again
+(RetryFailedTrialCallback), and the coordinator waits until no trial runs anywhere before it
+writes the cell. A trial's learned state is kept in the study itself, so any machine can read it.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import math
+import os
+import socket
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -41,6 +52,11 @@ from tasks.targets import TARGETS, target_matrix
 
 Log = Callable[[str], None]
 DIVERGED = 30.0  # the log10 MSE a diverged trial reports to the pruner
+RDB_DIALECTS = ("postgresql", "mysql", "sqlite", "oracle", "mssql")
+WORKER_ID = f"{socket.gethostname()}/{os.getpid()}"  # a trial's user attr `worker`
+RUNNING, WAITING = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING
+# heartbeat, fail_stale_trials and the retry callback are experimental in Optuna 5: one line each
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 @dataclass
@@ -93,9 +109,25 @@ def make_pruner(sp: SearchParams, n: int) -> optuna.pruners.BasePruner:
     return StalledOrHyperband(hyperband, patience, sp.min_delta_decades)
 
 
-def open_storage(url: str | None, work_dir: Path) -> optuna.storages.BaseStorage | str:
-    """An Optuna storage: the given URL, or a journal file under work_dir (multi-process safe)."""
+def open_storage(
+    url: str | None, work_dir: Path, heartbeat: dict[str, int] | None = None
+) -> optuna.storages.BaseStorage | str:
+    """An Optuna storage: the given URL, or a journal file under work_dir (multi-process safe).
+
+    heartbeat: {interval, grace, retries} (seconds, seconds, count) for a database URL: running
+    trials send a heartbeat; one silent for `grace` seconds is failed and queued again, at most
+    `retries` times. Journal files have no heartbeat.
+    """
     if url:
+        if heartbeat and url.split(":", 1)[0].split("+")[0] in RDB_DIALECTS:
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat["interval"],
+                grace_period=heartbeat["grace"],
+                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(
+                    max_retry=heartbeat["retries"]
+                ),
+            )
         return url
     from optuna.storages.journal import JournalFileBackend
 
@@ -143,6 +175,55 @@ def _suggest(trial: optuna.Trial, sp: SearchParams, perms: int) -> TrialSpec:
     )
 
 
+def _pack(state: dict[str, Any]) -> str:
+    """A trial's state as text for the study's user attrs (any machine can read it back)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _unpack(text: str) -> dict[str, Any]:
+    return torch.load(io.BytesIO(base64.b64decode(text)), weights_only=True)
+
+
+class _Heartbeat:
+    """Records Optuna's heartbeat of this worker's running trials every `interval` seconds."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage):
+        self.storage, self.ids, self.lock = storage, set[int](), threading.Lock()
+        self.interval = storage.get_heartbeat_interval()  # type: ignore[attr-defined]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+        self.thread.start()
+
+    def add(self, trial_id: int) -> None:
+        self.storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+        with self.lock:
+            self.ids.add(trial_id)
+
+    def discard(self, trial_id: int) -> None:
+        with self.lock:
+            self.ids.discard(trial_id)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            with self.lock:
+                ids = list(self.ids)
+            for trial_id in ids:
+                self.storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _beats(storage: optuna.storages.BaseStorage | str) -> bool:
+    """Whether the storage records heartbeats (an RDBStorage opened with an interval, as it is
+    or wrapped in the cache a Study puts around it)."""
+    interval = getattr(storage, "get_heartbeat_interval", None)
+    return interval is not None and interval() is not None
+
+
 @dataclass
 class _Slot:
     """A running trial of a worker's group."""
@@ -163,23 +244,39 @@ class _Worker:
         self.sp = SearchParams.from_json(self.a["search"])
         self.target = target.to(working_dtype(target))
         self.n, self.model = self.a["n"], self.a["model"]
-        self.trial_dir = Path(self.a["trial_dir"])
         self.lbfgs = LBFGSConfig.of(self.sp)
+        beats = _beats(study._storage)
+        self.heartbeat = _Heartbeat(study._storage) if beats else None
+        self.taken = 0
 
     def solved(self) -> bool:
-        return self.study.user_attrs.get("solved_by") is not None
+        """Solved, or closed by its coordinator: either way, stop."""
+        attrs = self.study.user_attrs
+        return attrs.get("solved_by") is not None or attrs.get("state") == "closed"
 
     def take(self, count: int) -> list[tuple[optuna.Trial, TrialSpec]]:
-        """Up to `count` trials of the plan (an asked trial past the plan is told FAIL, unused)."""
+        """Up to `count` trials of the plan, or queued again after their worker died (an asked
+        trial past the plan is told FAIL, unused)."""
         out = []
+        if self.heartbeat is not None and count:
+            optuna.storages.fail_stale_trials(self.study)  # re-queues a dead worker's trials
         for _ in range(count):
             trial = self.study.ask()
-            if trial.number >= self.a["max_trials"]:
+            retry = "failed_trial" in trial.storage.get_trial_system_attrs(trial._trial_id)
+            if trial.number >= self.a["max_trials"] and not retry:
                 trial.set_user_attr("unused", True)
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 break
+            trial.set_user_attr("worker", WORKER_ID)
+            if self.heartbeat is not None:
+                self.heartbeat.add(trial._trial_id)
             out.append((trial, _suggest(trial, self.sp, permutation_count(self.model))))
+        self.taken += len(out)
         return out
+
+    def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.close()
 
     def run(self) -> None:
         """Keep a batch of `batch_for(n)` trials training; a trial that ends frees its slot for
@@ -241,13 +338,13 @@ class _Worker:
         trial.set_user_attr("steps", slot.epoch * self.sp.epoch_steps)
         trial.set_user_attr("seconds", time.time() - slot.t0)
         if slot.state is not None:
-            path = self.trial_dir / f"trial-{trial.number:05d}.pt"
-            torch.save({"state_dict": slot.state, "hp": slot.spec.hp}, path)
-            trial.set_user_attr("state", str(path))
+            trial.set_user_attr("state", _pack({"state_dict": slot.state, "hp": slot.spec.hp}))
         if pruned:
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             self.study.tell(trial, finite(slot.best))
+        if self.heartbeat is not None:
+            self.heartbeat.discard(trial._trial_id)
 
 
 def run_worker(
@@ -256,16 +353,17 @@ def run_worker(
     study_name: str,
     worker: int,
     target: torch.Tensor | None = None,
-) -> None:
+) -> int:
     """Run a study's trials until its plan, its CPU budget or a solve; any machine may call it.
 
     The budget of a cell (`cell_seconds`) is CPU time per worker process, so a cell does the
-    same work on a busy machine as on a quiet one, only later.
+    same work on a busy machine as on a quiet one, only later. Returns the trials it took.
     """
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(storage_url, Path(work_dir))
-    attrs = optuna.load_study(study_name=study_name, storage=storage).user_attrs
+    plain = open_storage(storage_url, Path(work_dir))
+    attrs = optuna.load_study(study_name=study_name, storage=plain).user_attrs
+    storage = open_storage(storage_url, Path(work_dir), attrs.get("heartbeat"))
     if target is None:
         target = target_matrix(attrs["target"], attrs["n"])
     sp = SearchParams.from_json(attrs["search"])
@@ -275,8 +373,74 @@ def run_worker(
         sampler=optuna.samplers.RandomSampler(seed=sp.seed * 1000 + worker),
         pruner=make_pruner(sp, attrs["n"]),
     )
-    Path(attrs["trial_dir"]).mkdir(parents=True, exist_ok=True)
-    _Worker(study, target).run()
+    w = _Worker(study, target)
+    try:
+        w.run()
+    finally:
+        w.close()
+    return w.taken
+
+
+def open_cells(storage: optuna.storages.BaseStorage | str) -> list[str]:
+    """Names of the cell studies a coordinator has opened and not yet closed, newest first."""
+    names = [
+        s.study_name
+        for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        if s.study_name.startswith("recover/") and s.user_attrs.get("state") == "open"
+    ]
+    return sorted(names, key=lambda name: int(name.rsplit("/", 1)[1]), reverse=True)
+
+
+def serve(
+    storage_url: str, work_dir: str, worker: int, idle_seconds: float, log: Log = print
+) -> int:
+    """Join every open cell of a shared storage in turn (each once) until none has opened for
+    `idle_seconds`: what a worker on another machine runs. Returns the cells it joined."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(storage_url, Path(work_dir))
+    joined: set[str] = set()
+    last = time.monotonic()
+    while time.monotonic() - last < idle_seconds:
+        fresh = [name for name in open_cells(storage) if name not in joined]
+        if not fresh:
+            time.sleep(min(0.5, idle_seconds / 10))
+            continue
+        joined.add(fresh[0])
+        log(f"[recover-worker {WORKER_ID}] joined {fresh[0]}")
+        taken = run_worker(storage_url, work_dir, fresh[0], worker)
+        log(f"[recover-worker {WORKER_ID}] left {fresh[0]}: {taken} trials")
+        last = time.monotonic()
+    log(f"[recover-worker {WORKER_ID}] no open cell for {idle_seconds:.0f}s: done")
+    return len(joined)
+
+
+def settle(study: optuna.Study, rerun: Callable[[], object], log: Log, poll: float = 1.0) -> None:
+    """Wait until no trial of the study runs on any machine.
+
+    With a heartbeat, a trial whose worker died is failed after the grace period and queued
+    again; queued retries of an unfinished cell (not solved, not capped) are run by `rerun`.
+    Without one (a journal file), a trial of a dead remote worker would be waited for forever:
+    a line every minute says so.
+    """
+    beats, said = _beats(study._storage), time.monotonic()
+    while True:
+        if beats:
+            optuna.storages.fail_stale_trials(study)
+        live = study.get_trials(deepcopy=False, states=(RUNNING, WAITING))
+        running = [t for t in live if t.state == RUNNING]
+        retries = [t for t in live if t.state == WAITING and "failed_trial" in t.system_attrs]
+        attrs = study.user_attrs
+        if retries and attrs.get("solved_by") is None and not attrs.get("capped"):
+            log(f"  {len(retries)} trial(s) of a worker that died: running them here")
+            rerun()
+            continue
+        if not running:
+            return
+        if time.monotonic() - said > 60:
+            said = time.monotonic()
+            hint = "" if beats else " (no heartbeat on this storage: a dead worker is not seen)"
+            log(f"  waiting for {len(running)} trial(s) running elsewhere{hint}")
+        time.sleep(poll)
 
 
 def trial_pool(workers: int) -> ProcessPoolExecutor | None:
@@ -293,14 +457,16 @@ def learn_cell(
     storage: str | None = None,
     log: Log = print,
     pool: ProcessPoolExecutor | None = None,
+    heartbeat: dict[str, int] | None = None,
 ) -> tuple[CellResult, ButterflyStack | None]:
     """Search, polish and return the best factorization of `target` with `model`.
 
-    pool: from `trial_pool(sp.workers)`; without one, trials run in this process.
+    pool: from `trial_pool(sp.workers)`; without one, trials run in this process. Workers
+    elsewhere (`serve`) join while the study is open; it is closed once no trial runs.
+    heartbeat: see `open_storage`.
     """
     n = target.shape[0]
     t0 = time.time()
-    cell_dir = work_dir / f"{name}-{n}-{model}"
     study_name = f"recover/{name}/{n}/{model}/{time.time_ns()}"
     attrs = {
         "target": name,
@@ -309,15 +475,16 @@ def learn_cell(
         "search": asdict(sp),
         "max_trials": sp.trials_for(n),
         "cpu_seconds": sp.seconds_for(n),
-        "trial_dir": str((cell_dir / "trials").resolve()),
+        "heartbeat": heartbeat,
     }
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is the stage's one line
-    st = open_storage(storage, work_dir)
+    st = open_storage(storage, work_dir, heartbeat)
     study = optuna.create_study(study_name=study_name, storage=st, direction="minimize")
     for k, v in attrs.items():
         study.set_user_attr(k, v)
     for hp in trial_plan(sp, f"{name}/{n}/{model}", attrs["max_trials"], model):
         study.enqueue_trial(hp)
+    study.set_user_attr("state", "open")  # last: workers elsewhere join from here on
     user_target = None if name in TARGETS else target  # named targets are rebuilt by workers
     if pool is None:
         run_worker(storage, str(work_dir), study_name, 0, user_target)
@@ -328,6 +495,13 @@ def learn_cell(
         ]
         for f in futures:
             f.result()
+    again = sp.workers  # a worker index of its own: retries sample nothing new, seeds differ
+
+    def rerun() -> None:
+        run_worker(storage, str(work_dir), study_name, again, user_target)
+
+    settle(study, rerun, log, min(1.0, (heartbeat or {}).get("interval", 1)))
+    study.set_user_attr("state", "closed")
     study = optuna.load_study(study_name=study_name, storage=st)
     solved = study.user_attrs.get("solved_by")
     capped = bool(study.user_attrs.get("capped")) and solved is None
@@ -378,7 +552,7 @@ def final_polish(
     cfg = LBFGSConfig.of(sp, sp.final_steps)
     best: tuple[ButterflyStack, float, dict[str, Any]] | None = None
     for t in top:
-        saved = torch.load(t.user_attrs["state"], weights_only=True)
+        saved = _unpack(t.user_attrs["state"])
         hp = saved["hp"]
         spec = TrialSpec(
             t.number, hp["lr"], hp["share_logits"], hp["init"], hp["seed"], hp.get("corner", -1)

@@ -1,4 +1,4 @@
-"""Speed benchmarks (PAPER.md sections 4 and 6): pytest-benchmark over providers x cases.
+"""Speed benchmarks (docs/protocol.md sections 4 and 6): pytest-benchmark over providers x cases.
 
 - cases.py: SpeedParams (params.yaml `speed`) and the grid of cases (device, n, batch, dtype,
   direction) one pytest process measures;

@@ -1,7 +1,8 @@
 """The case grid of the speed benchmark: SpeedParams (params.yaml `speed`) -> Cases.
 
 A case is one (device, n, batch, dtype, direction); the benchmark is every provider x every case
-the provider declares it can run (tasks/speed/providers.py). `suite speed` hands the grid to the
+the provider declares it can run (`providers.items`; cases import no provider, providers import
+the cases). `suite speed` hands the grid to the
 pytest process as JSON in $SUITE_SPEED_GRID; without it (CI, a plain `pytest`) the tiny
 `CI_PARAMS` grid runs on the default device, every provider, so CI exercises every check.
 """
@@ -49,11 +50,7 @@ class SpeedParams:
     seed: int = 0
 
     def validate(self) -> None:
-        from tasks.speed.providers import PROVIDERS  # late: providers imports this module
-
-        unknown = [p for p in self.providers if p not in PROVIDERS]
-        if unknown:
-            raise ValueError(f"unknown provider {unknown[0]!r} (allowed: {', '.join(PROVIDERS)})")
+        """Values that need no provider registry (providers.check_params checks the names)."""
         for n in self.sizes:
             if n < 2 or n & (n - 1):
                 raise ValueError(f"sizes must be powers of two >= 2, got {n}")
@@ -70,8 +67,7 @@ class SpeedParams:
             if d not in DIRECTIONS:
                 raise ValueError(f"unknown direction {d!r} (allowed: {', '.join(DIRECTIONS)})")
         for key in self.max_n:
-            name, _, dev = key.partition("@")
-            if name not in PROVIDERS or (dev and dev not in DEVICES):
+            if key.partition("@")[2] not in ("", *DEVICES):
                 raise ValueError(f"max_n key {key!r} must be PROVIDER or PROVIDER@cpu|cuda")
         if self.threads < 1 or self.min_rounds < 1 or self.max_time <= 0 or self.min_time <= 0:
             raise ValueError("threads and min_rounds must be >= 1, max_time and min_time > 0")
@@ -155,27 +151,3 @@ def load_grid() -> Grid:
     params = SpeedParams(**raw["params"])
     params.validate()
     return Grid(params, resolve_device(raw["device"]), raw.get("machine", {}), path)
-
-
-def items(grid: Grid) -> list[tuple[str, Case]]:
-    """providers x cases: each provider with every case of a dtype and direction it declares.
-
-    A provider that cannot run on this device still gets its cases (each becomes a recorded
-    skip); those use its own dtypes, since the device's dtype list may not include them.
-    """
-    from tasks.speed.providers import PROVIDERS
-
-    p, dev = grid.params, grid.device
-    every_dtype = {d for ds in p.dtypes.values() for d in ds}
-    out = []
-    for name in p.providers:
-        prov = PROVIDERS[name]
-        allowed = set(p.dtypes.get(dev, [])) if dev in prov.devices else every_dtype
-        dtypes = [d for d in prov.dtypes if d in allowed]
-        directions = [d for d in p.directions if d in prov.directions]
-        for batch in p.batches.get(dev, []):
-            for dtype in dtypes:
-                for direction in directions:
-                    for n in p.sizes:
-                        out.append((name, Case(dev, n, batch, dtype, direction)))
-    return out

@@ -7,7 +7,7 @@ Shapes: x (batch, n) -> y (batch, n) (rfft: (batch, n/2 + 1) complex); weights n
 tied twiddles (1, n-1, 2, 2), untied (1, log2 n, n/2, 2, 2) (layout: kernels/reference.py).
 
 flops and bytes are models, per forward call: bytes is the compulsory traffic (inputs read
-once, outputs written once, parameters read once: PAPER.md section 6's floor), so
+once, outputs written once, parameters read once: docs/protocol.md section 6's floor), so
 bytes / time against the machine's copy bandwidth says how close a kernel is to the limit.
 forward_backward multiplies both by the provider's `backward_factor`.
 """
@@ -29,7 +29,7 @@ from kernels.butterfly import init_twiddle
 from kernels.permutation import bit_reversal
 from kernels.reference import butterfly_multiply_reference, log2_exact
 from tasks.speed import checks
-from tasks.speed.cases import Case, SpeedParams
+from tasks.speed.cases import DEVICES, Case, Grid, SpeedParams
 from tasks.speed.checks import Built
 
 GPU, CPU, BOTH = ("cuda",), ("cpu",), ("cpu", "cuda")
@@ -336,3 +336,36 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and ("out of memory" in text or "not enough memory" in text)
     )
+
+
+def check_params(p: SpeedParams) -> None:
+    """The provider names in params exist: `providers` and the PROVIDER of each max_n key."""
+    unknown = [name for name in p.providers if name not in PROVIDERS]
+    if unknown:
+        raise ValueError(f"unknown provider {unknown[0]!r} (allowed: {', '.join(PROVIDERS)})")
+    for key in p.max_n:
+        name, _, dev = key.partition("@")
+        if name not in PROVIDERS or (dev and dev not in DEVICES):
+            raise ValueError(f"max_n key {key!r} must be PROVIDER or PROVIDER@cpu|cuda")
+
+
+def items(grid: Grid) -> list[tuple[str, Case]]:
+    """providers x cases: each provider with every case of a dtype and direction it declares.
+
+    A provider that cannot run on this device still gets its cases (each becomes a recorded
+    skip); those use its own dtypes, since the device's dtype list may not include them.
+    """
+    p, dev = grid.params, grid.device
+    every_dtype = {d for ds in p.dtypes.values() for d in ds}
+    out = []
+    for name in p.providers:
+        prov = PROVIDERS[name]
+        allowed = set(p.dtypes.get(dev, [])) if dev in prov.devices else every_dtype
+        dtypes = [d for d in prov.dtypes if d in allowed]
+        directions = [d for d in p.directions if d in prov.directions]
+        for batch in p.batches.get(dev, []):
+            for dtype in dtypes:
+                for direction in directions:
+                    for n in p.sizes:
+                        out.append((name, Case(dev, n, batch, dtype, direction)))
+    return out

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import torch
 
-from tasks.speed.cases import Case, SpeedParams, items, load_grid
+from tasks.speed.cases import Case, SpeedParams, load_grid
 from tasks.speed.checks import Built
-from tasks.speed.providers import PROVIDERS, Provider, is_oom, skip_reason
+from tasks.speed.providers import PROVIDERS, Provider, is_oom, items, skip_reason
 
 GRID = load_grid()
 MAX_GPU_ROUNDS = 1000  # each round also pays an L2 flush: bound the time of tiny cases

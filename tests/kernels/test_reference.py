@@ -88,7 +88,7 @@ def test_reference_on_identity_is_transpose(dtype: torch.dtype, gen: torch.Gener
 def test_tied_factor_is_kronecker_of_paper_definition(
     n: int, dtype: torch.dtype, gen: torch.Generator
 ) -> None:
-    """Level l of a tied twiddle is I_{n/2s} (x) [[D1, D2], [D3, D4]] (PAPER.md section 1)."""
+    """Level l of a tied twiddle is I_{n/2s} (x) [[D1, D2], [D3, D4]] (docs/protocol.md §1)."""
     tw = randn(1, n - 1, 2, 2, dtype=dtype, gen=gen)
     full = untie(tw)
     for level in range(log2_exact(n)):

@@ -1,4 +1,4 @@
-"""The published numbers in suite.paper match PAPER.md."""
+"""The published numbers in suite.paper match docs/protocol.md."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def test_registry_entries_are_well_formed() -> None:
             assert prov.flops_for(case) > 0 and prov.bytes_for(case) > 0
     fb = Case("cpu", 1024, 256, "float32", "forward_backward")
     assert PROVIDERS["dense_fp32"].flops_for(fb) == 3 * 2.0 * 256 * 1024**2
-    # the butterfly floor of PAPER.md section 6: read x, write y (+ small twiddles)
+    # the butterfly floor of docs/protocol.md section 6: read x, write y (+ small twiddles)
     fwd = Case("cuda", 1024, 16384, "float32", "forward")
     assert PROVIDERS["butterfly_triton"].bytes_for(fwd) == pytest.approx(
         2 * 16384 * 1024 * 4, rel=0.01
@@ -151,7 +151,7 @@ def test_is_oom() -> None:
 
 
 def test_items_follow_declared_dtypes_and_directions() -> None:
-    got = cases.items(Grid(cases.CI_PARAMS, "cpu"))
+    got = providers.items(Grid(cases.CI_PARAMS, "cpu"))
     by = {(name, c.dtype, c.direction) for name, c in got}
     assert ("butterfly_cpu", "float32", "forward_backward") not in by  # forward only
     assert ("dense_bf16", "bfloat16", "forward") in by  # GPU-only: a recorded skip on a CPU
@@ -174,7 +174,9 @@ def test_params_profiles_load_and_validate() -> None:
         (dict(directions=["sideways"]), "unknown direction"),
     ]:
         with pytest.raises(ValueError, match=match):
-            dataclasses.replace(cases.CI_PARAMS, **bad).validate()
+            wrong = dataclasses.replace(cases.CI_PARAMS, **bad)
+            wrong.validate()
+            providers.check_params(wrong)  # the names, which need the provider registry
 
 
 def test_grid_round_trips_through_the_environment(
