@@ -1,4 +1,4 @@
-"""Relaxed learnable permutations of PAPER.md section 1, their rounding, and bit reversal.
+"""Relaxed learnable permutations of docs/protocol.md section 1, their rounding, and bit reversal.
 
 A permutation of size n = 2**m has one level per block size k = n, n/2, ..., 4 (m-1 levels,
 level 0 is k = n). Each level is tied across its n/k blocks and made of three relaxed binary
@@ -87,7 +87,7 @@ def bit_reversal(n: int) -> torch.Tensor:
 
 
 class Permutation(nn.Module):
-    """Learnable relaxed permutation of size n (PAPER.md section 1).
+    """Learnable relaxed permutation of size n (docs/protocol.md section 1).
 
     share: one logit triple for all levels. top_only: a single level at block size n (the
     authors' extra permutation P' of BPP: three relaxed choices, nothing below). After

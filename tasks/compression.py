@@ -1,4 +1,4 @@
-"""CIFAR-10 single-hidden-layer compression (PAPER.md section 3): train, evaluate, time.
+"""CIFAR-10 single-hidden-layer compression (docs/protocol.md section 3): train, evaluate, time.
 
 The network is x -> W x + b -> ReLU -> Linear(n, 10) with W the n x n layer under test
 (n = 1024: 32x32 grayscale pixels). Protocol: grayscale by channel average, per-feature
