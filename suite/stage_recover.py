@@ -241,7 +241,8 @@ def _recover_matrix(args: argparse.Namespace) -> int:
     """
     from kernels.butterfly import save_factors
     from tasks.recovery import RECOVERED_RMSE, learn_cell, paper_rmse, trial_pool
-    from tasks.recovery.discrete import fit_bp, fit_hard
+    from tasks.recovery.discrete import discrete_search
+    from tasks.recovery.grid import ours_rmse
     from tasks.recovery.params import DiscreteParams
     from tasks.targets import load_matrix, rmse
 
@@ -263,22 +264,16 @@ def _recover_matrix(args: argparse.Namespace) -> int:
     t0, c0 = time.time(), time.process_time()
     if args.method in ("auto", "discrete"):
         dp = p.discrete or DiscreteParams()
-        # the closed forms first (milliseconds to seconds), then the fits of hard permutations
-        plan = [(m, "closed") for m in models if m != "bpbp"] + [(m, "fit") for m in models]
-        for model, how in plan:
-            _log(f"[recover] {args.matrix} n={n}: discrete {model} ({how})")
-            res = (
-                fit_bp(target, model, dp.max_nodes)
-                if how == "closed"
-                else fit_hard(target, model, dp)
-            )
-            value = paper_rmse(res.rmse, is_complex)
-            _log(f"[recover] discrete {model}: rmse={value:.3e} {res.permutation}")
-            info = {"model": model, "permutation": res.permutation, "candidates": res.candidates}
-            if best is None or value < best[0]:
-                best = (value, "discrete", res.stack, info)
-            if value <= RECOVERED_RMSE:
-                break
+        res = discrete_search(
+            target,
+            models,
+            dp,
+            ours_rmse(RECOVERED_RMSE, is_complex),
+            lambda m: _log(f"[recover] {m}"),
+        )
+        value = paper_rmse(res.rmse, is_complex)
+        info = {"model": res.model, "permutation": res.permutation, "candidates": res.candidates}
+        best = (value, "discrete", res.stack, info)
     work = None
     if learned and (best is None or best[0] > RECOVERED_RMSE):
         work = Path(tempfile.mkdtemp(prefix="recover-", dir=_scratch()))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,4 +332,35 @@ def fit_discrete(
         closed.cpu_seconds + fitted.cpu_seconds,
     )
     best.candidates = closed.candidates + fitted.candidates
+    return best
+
+
+def discrete_search(
+    matrix: torch.Tensor,
+    models: list[str],
+    dp: DiscreteParams,
+    exact_rmse: float = 1e-4,
+    log: Callable[[str], None] | None = None,
+) -> DiscreteResult:
+    """What `suite recover --matrix` does first: the closed forms of bp and bpp (in `models`),
+    then the hard fits of each model, until one reaches `exact_rmse` (||.||_F / n); the best.
+    seconds and cpu_seconds count every attempt."""
+    t0, c0 = time.time(), time.process_time()
+    plan = [(m, "closed") for m in models if m != "bpbp"] + [(m, "fit") for m in models]
+    best: DiscreteResult | None = None
+    tried = 0
+    for model, how in plan:
+        res = (
+            fit_bp(matrix, model, dp.max_nodes) if how == "closed" else fit_hard(matrix, model, dp)
+        )
+        tried += res.candidates
+        if log is not None:
+            log(f"discrete {model} ({how}): rmse {res.rmse:.3e} {res.permutation}")
+        if best is None or res.rmse < best.rmse:
+            best = res
+        if res.rmse <= exact_rmse:
+            break
+    assert best is not None
+    best.seconds, best.cpu_seconds = time.time() - t0, time.process_time() - c0
+    best.candidates = tried
     return best
