@@ -166,6 +166,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
                 if records[0].fitted is not None:
                     meta = {"target": name, "n": n, "rmse": records[0].rmse}
                     save_factors(records[0].fitted, cell_pt, meta)
+                for r in records[1:]:  # the discrete row's factors: a fast algorithm too
+                    if r.method == "discrete" and r.fitted is not None:
+                        meta = {"target": name, "n": n, "rmse": r.rmse, "method": "discrete"}
+                        save_factors(r.fitted, kept / f"{name}-{n}-discrete.pt", meta)
                 cell_rows = [_row(r) for r in records]
                 results.atomic_write_json(cell_json, {"key": key, "rows": _finite(cell_rows)})
             for r in cell_rows:
@@ -213,9 +217,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
         run.log_artifact(table)
     stage = Path(tempfile.mkdtemp(prefix="factors-", dir=_scratch()))
     for name, n, model in grid:
-        pt = kept / f"{name}-{n}-{model}.pt"
-        if pt.is_file():
-            shutil.copy2(pt, stage / pt.name)
+        for pt in (kept / f"{name}-{n}-{model}.pt", kept / f"{name}-{n}-discrete.pt"):
+            if pt.is_file():
+                shutil.copy2(pt, stage / pt.name)
     results.replace_dir(stage, factors_dir)
     shutil.rmtree(work, ignore_errors=True)
     _log(

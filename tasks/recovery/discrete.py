@@ -44,6 +44,7 @@ CHOICES: tuple[tuple[bool, bool, bool], ...] = tuple(
 EXACT = 1e-12  # a relative rank-1 residual below this passes the split test (the Gram form
 # of the smallest singular value loses about 1e-16 of the total to cancellation)
 LOGIT = 10.0  # the logit magnitude of a hard choice (logit >= 0 is on)
+STOP_MSE = 1e-9  # a fit whose Adam MSE reaches this stops the halving and goes to L-BFGS
 
 
 @dataclass
@@ -274,8 +275,9 @@ def fit_hard(matrix: torch.Tensor, model: str, dp: DiscreteParams) -> DiscreteRe
     chunk = dp.batch_for(n)
     steps = dp.steps
     losses: list[float] = []
+    solved = False
     for r in range(dp.rounds):
-        losses = []
+        losses = [math.inf] * len(combos)
         for i in range(0, len(combos), chunk):
             part = combos[i : i + chunk]
             stack = _group(n, model, real, part, states[i : i + chunk], dp)
@@ -283,14 +285,22 @@ def fit_hard(matrix: torch.Tensor, model: str, dp: DiscreteParams) -> DiscreteRe
             opt = BatchedAdam(params, torch.full((len(part),), dp.lr), batched=True)
             for _ in range(steps):
                 opt.zero_grad()
-                mse(stack.matrix(), target).sum().backward()
+                loss = mse(stack.matrix(), target)
+                loss.sum().backward()
                 opt.step()
+                if float(loss.detach().min()) <= STOP_MSE:  # one is there: polish it
+                    solved = True
+                    break
             with torch.no_grad():
-                losses += [finite(v) for v in mse(stack.matrix(), target).tolist()]
+                losses[i : i + len(part)] = [
+                    finite(v) for v in mse(stack.matrix(), target).tolist()
+                ]
             for t in range(len(part)):
                 states[i + t] = stack.trial(t).state_dict()
+            if solved:
+                break
         order = sorted(range(len(combos)), key=lambda j: losses[j])
-        if r == dp.rounds - 1 or losses[order[0]] <= 1e-10 or len(combos) == 1:
+        if solved or r == dp.rounds - 1 or len(combos) == 1:
             break
         keep = order[: max(1, math.ceil(len(combos) * dp.keep))]
         combos, states = [combos[j] for j in keep], [states[j] for j in keep]
@@ -323,7 +333,7 @@ def fit_discrete(
     if model == "bpbp":
         return fit_hard(matrix, model, dp)
     closed = fit_bp(matrix, model, dp.max_nodes)
-    if closed.rmse <= exact_rmse:
+    if closed.rmse <= exact_rmse or matrix.is_complex():
         return closed
     fitted = fit_hard(matrix, model, dp)
     best = fitted if fitted.rmse < closed.rmse else closed
@@ -346,7 +356,10 @@ def discrete_search(
     then the hard fits of each model, until one reaches `exact_rmse` (||.||_F / n); the best.
     seconds and cpu_seconds count every attempt."""
     t0, c0 = time.time(), time.process_time()
-    plan = [(m, "closed") for m in models if m != "bpbp"] + [(m, "fit") for m in models]
+    plan = [(m, "closed") for m in models if m != "bpbp"]
+    # a complex member of bp / bpp is an untied one, which the closed form always finds: their
+    # fits are for real targets (the real part of a complex butterfly, as the DCT) only
+    plan += [(m, "fit") for m in models if m == "bpbp" or not matrix.is_complex()]
     best: DiscreteResult | None = None
     tried = 0
     for model, how in plan:

@@ -155,3 +155,27 @@ def test_cli_corrupted_npy_is_one_line(
     for word in words:
         assert word in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npy"]
+
+
+def test_a_grid_cell_gets_a_discrete_row(tmp_path: Path) -> None:
+    """recover_cell with params.yaml's smoke profile (recover.discrete set): the Hadamard's cell
+    ends with a discrete row, exact, its seconds and permutation recorded, its factors usable."""
+    from suite.params import load_stage
+    from tasks.recovery import RecoverParams, recover_cell
+
+    params_yaml = Path(__file__).resolve().parents[2] / "params.yaml"
+    p = load_stage(params_yaml, "recover", RecoverParams, "smoke")[1]
+    assert p.discrete is not None
+    threads = torch.get_num_threads()
+    try:
+        rows = recover_cell("hadamard", 8, "bp", p, tmp_path, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    last = rows[-1]
+    assert [r.method for r in rows][-1] == "discrete" and last.model == "bp"
+    assert last.rmse_paper < 1e-12 and last.recovered and last.seconds > 0
+    assert last.best_params["permutation"]["twiddles"] == "untied"
+    assert last.fitted is not None
+    torch.testing.assert_close(
+        last.fitted.matrix().detach(), target_matrix("hadamard", 8), rtol=0, atol=1e-12
+    )
