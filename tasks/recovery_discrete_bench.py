@@ -91,7 +91,7 @@ def run_members(args: argparse.Namespace, dp: DiscreteParams) -> None:
     table = _Table(Path(args.out) / "recovery_members.csv", MEMBERS, args.fresh)
     for model in args.models:
         for n in args.sizes:
-            for complex_ in (True, False):
+            for complex_ in [k == "complex" for k in args.kinds]:
                 for seed in range(args.seeds):
                     m = member(n, model, complex_, 1000 * n + seed, per_level=model != "bpbp")
                     exact = RECOVERED_RMSE * (math.sqrt(2) if complex_ else 1.0)
@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", nargs="+", default=list(TARGETS))
     parser.add_argument("--models", nargs="+", default=["bp", "bpp", "bpbp"])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument(
+        "--kinds", nargs="+", choices=["complex", "real"], default=["complex", "real"]
+    )
     parser.add_argument("--out", default="reports")
     parser.add_argument("--fresh", action="store_true", help="start the CSV anew")
     args = parser.parse_args(argv)

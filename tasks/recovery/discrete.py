@@ -235,12 +235,13 @@ def _combo_logits(combo: tuple[int, ...]) -> list[torch.Tensor]:
 
 
 def _group(
-    n: int, model: str, real: bool, combos: list[tuple[int, ...]], states: list[dict | None],
-    dp: DiscreteParams,
+    n: int, model: str, real: bool, cands: list[tuple[tuple[int, ...], int]],
+    states: list[dict | None], dp: DiscreteParams,
 ) -> ButterflyStack:  # fmt: skip
-    """A vectorised stack of these combos (hard permutations), each from its saved state or
-    from a seeded init."""
-    gens = [torch.Generator().manual_seed(dp.seed * 1000 + i) for i in range(len(combos))]
+    """A vectorised stack of these candidates (a combo of hard permutations and a start), each
+    from its saved state or from the init its start seeds."""
+    gens = [torch.Generator().manual_seed(dp.seed * 100_000 + start) for _, start in cands]
+    combos = [combo for combo, _ in cands]
     stack = ButterflyStack(
         n, model, complex=True, tied=True, init=dp.init, real_output=real,
         trials=len(combos), generator=gens,
@@ -259,7 +260,9 @@ def _group(
 
 
 def fit_hard(matrix: torch.Tensor, model: str, dp: DiscreteParams) -> DiscreteResult:
-    """Every combo of hard shared triples (8 for bp, 64 for bpp and bpbp), tied complex twiddles
+    """Every combo of hard shared triples (8 for bp, 64 for bpp and bpbp; bpbp from `restarts`
+    random starts each: one start on the right pair reaches the line in about a third of
+    tries), tied complex twiddles
     fitted by Adam in vectorised chunks with successive halving (steps doubling each round),
     then L-BFGS on the best; float32 / complex64 as the learned search (real targets: the real
     part of the output, as the paper fits them)."""
@@ -270,7 +273,12 @@ def fit_hard(matrix: torch.Tensor, model: str, dp: DiscreteParams) -> DiscreteRe
     target = matrix.to(working_dtype(matrix))
     real = not matrix.is_complex()
     blocks, extra = MODELS[model]
-    combos = list(itertools.product(range(8), repeat=blocks + int(extra)))
+    starts = dp.restarts if model == "bpbp" else 1
+    combos = [
+        (combo, i * starts + r)
+        for i, combo in enumerate(itertools.product(range(8), repeat=blocks + int(extra)))
+        for r in range(starts)
+    ]
     states: list[dict | None] = [None] * len(combos)
     chunk = dp.batch_for(n)
     steps = dp.steps
@@ -314,10 +322,16 @@ def fit_hard(matrix: torch.Tensor, model: str, dp: DiscreteParams) -> DiscreteRe
         value = rmse(best.double().matrix(), matrix)
     roles = ["P'"] if extra else []
     roles += [f"P{b + 1}" for b in range(blocks)] if blocks > 1 else ["P"]
-    perm = {role: _names([CHOICES[c]]) for role, c in zip(roles, combos[best_i], strict=True)}
+    perm = {role: _names([CHOICES[c]]) for role, c in zip(roles, combos[best_i][0], strict=True)}
     perm["twiddles"] = "tied"
     return DiscreteResult(
-        model, value, time.time() - t0, time.process_time() - c0, best, perm, 8 ** len(roles)
+        model,
+        value,
+        time.time() - t0,
+        time.process_time() - c0,
+        best,
+        perm,
+        8 ** len(roles) * starts,
     )
 
 

@@ -162,7 +162,7 @@ class DiscreteParams:
     (bpbp, and bp / bpp targets the closed form misses) and the level search's budget."""
 
     steps: int = 100  # Adam steps of the first halving round, doubled every round
-    rounds: int = 4  # halving rounds: 64 combos -> 16 -> 4 -> 1
+    rounds: int = 4  # halving rounds: 64 combos -> 16 -> 4 -> 1 (bpbp: 256 starts -> ... -> 4)
     keep: float = 0.25  # fraction of combos kept after each round
     lr: float = 0.03
     init: str = "ortho"  # twiddle init (kernels.butterfly.INITS)
@@ -170,13 +170,14 @@ class DiscreteParams:
     max_nodes: int = 2_000  # backtracking budget of the level-by-level search
     seed: int = 0
     batch_entries: int = 2**18  # combos trained together: this many matrix entries in all
+    restarts: int = 4  # bpbp: random starts per combo of permutations (bp, bpp: one)
 
     def batch_for(self, n: int) -> int:
         """Combos per vectorised model at size n (16 up to n = 128, 4 at 256, 1 from 512)."""
         return max(1, min(16, self.batch_entries // (n * n)))
 
     def validate(self) -> None:
-        for name in ("steps", "rounds", "max_nodes", "batch_entries"):
+        for name in ("steps", "rounds", "max_nodes", "batch_entries", "restarts"):
             if getattr(self, name) < 1:
                 raise FieldError(name, f"{name} must be >= 1")
         if not 0 < self.keep <= 1:
