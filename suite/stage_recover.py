@@ -39,7 +39,18 @@ def _scratch() -> Path:
 def recover_params(args: argparse.Namespace):
     from tasks.recovery import RecoverParams
 
-    return params.load_stage(args.params, "recover", RecoverParams, args.profile)
+    return params.load_stage(params_path(args.params), "recover", RecoverParams, args.profile)
+
+
+def params_path(given: str | None) -> Path:
+    """--params, else ./params.yaml, else the suite's own params.yaml (its built-in defaults),
+    so `suite recover --matrix` runs from any folder."""
+    if given is not None:
+        return Path(given)
+    here = Path("params.yaml")
+    if here.is_file() or not (REPO / "params.yaml").is_file():
+        return here
+    return REPO / "params.yaml"
 
 
 def code_digest() -> str:
@@ -55,9 +66,9 @@ def _cell_key(p: Any, name: str, n: int, model: str, code: str) -> str:
     """What a cell's result depends on: its own slice of the search (SearchParams.cell_slice), the
     baselines, the cell and the code. Profiles that agree on a cell share its kept result."""
     search = p.search_for(name, n).cell_slice(n, model)
-    blob = json.dumps(
-        {"search": search, "baselines": p.baselines, "cell": [name, n, model]}, sort_keys=True
-    )
+    discrete = None if p.discrete is None else asdict(p.discrete)
+    cell = {"search": search, "baselines": p.baselines, "cell": [name, n, model]}
+    blob = json.dumps({**cell, "discrete": discrete}, sort_keys=True)
     return hashlib.sha256(f"{blob}/{code}".encode()).hexdigest()[:16]
 
 
@@ -151,6 +162,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
                 if records[0].fitted is not None:
                     meta = {"target": name, "n": n, "rmse": records[0].rmse}
                     save_factors(records[0].fitted, cell_pt, meta)
+                for r in records[1:]:  # the discrete row's factors: a fast algorithm too
+                    if r.method == "discrete" and r.fitted is not None:
+                        meta = {"target": name, "n": n, "rmse": r.rmse, "method": "discrete"}
+                        save_factors(r.fitted, kept / f"{name}-{n}-discrete.pt", meta)
                 cell_rows = [_row(r) for r in records]
                 results.atomic_write_json(cell_json, {"key": key, "rows": _finite(cell_rows)})
             for r in cell_rows:
@@ -198,9 +213,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
         run.log_artifact(table)
     stage = Path(tempfile.mkdtemp(prefix="factors-", dir=_scratch()))
     for name, n, model in grid:
-        pt = kept / f"{name}-{n}-{model}.pt"
-        if pt.is_file():
-            shutil.copy2(pt, stage / pt.name)
+        for pt in (kept / f"{name}-{n}-{model}.pt", kept / f"{name}-{n}-discrete.pt"):
+            if pt.is_file():
+                shutil.copy2(pt, stage / pt.name)
     results.replace_dir(stage, factors_dir)
     shutil.rmtree(work, ignore_errors=True)
     log(
@@ -219,9 +234,16 @@ def _finite(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _recover_matrix(args: argparse.Namespace) -> int:
-    """Learn a fast factorization of a user matrix; writes DIR/result.json and DIR/factors.pt."""
+    """Find a fast factorization of a user matrix; writes DIR/result.json and DIR/factors.pt.
+
+    --method auto: the discrete row (hard permutations: bp and bpp in closed form, then the
+    bpbp fit) until one recovers, then the learned search; discrete or learned: only that one.
+    """
     from kernels.butterfly import save_factors
     from tasks.recovery import RECOVERED_RMSE, learn_cell, paper_rmse, trial_pool
+    from tasks.recovery.discrete import discrete_search
+    from tasks.recovery.grid import ours_rmse
+    from tasks.recovery.params import DiscreteParams
     from tasks.targets import load_matrix, rmse
 
     target = load_matrix(args.matrix)
@@ -230,29 +252,53 @@ def _recover_matrix(args: argparse.Namespace) -> int:
     profile, p = recover_params(args)
     sp = p.search
     n = target.shape[0]
-    if n not in sp.trials or n not in sp.cell_seconds:
+    learned = args.method in ("auto", "learned")
+    if learned and (n not in sp.trials or n not in sp.cell_seconds):
         raise params.ParamsError(
-            f"profile {profile} has no trials/cell_seconds for n={n} (recover.search)"
+            f"profile {profile} has no trials/cell_seconds for n={n} (recover.search); "
+            "--method discrete needs none"
         )
     models = ["bp", "bpp", "bpbp"] if args.model == "auto" else [args.model]
-    work = Path(tempfile.mkdtemp(prefix="recover-", dir=_scratch()))
-    best = None
-    t0 = time.time()
-    with trial_pool(sp.workers) or contextlib.nullcontext() as pool:
-        for model in models:
-            log(f"[recover] {args.matrix} n={n}: trying {model}")
-            res, fitted = learn_cell(target, "matrix", model, sp, work, p.storage, log, pool)
-            value = float("inf") if fitted is None else rmse(fitted.matrix().detach(), target)
-            value = paper_rmse(value, target.is_complex())
-            log(f"[recover] {model}: rmse={value:.3e}")
-            if fitted is not None and (best is None or value < best[0]):
-                best = (value, res, fitted)
-            if value <= RECOVERED_RMSE:
-                break
+    is_complex = target.is_complex()
+    best: tuple[float, str, Any, dict[str, Any]] | None = None  # rmse, method, stack, info
+    t0, c0 = time.time(), time.process_time()
+    if args.method in ("auto", "discrete"):
+        dp = p.discrete or DiscreteParams()
+        res = discrete_search(
+            target,
+            models,
+            dp,
+            ours_rmse(RECOVERED_RMSE, is_complex),
+            lambda m: log(f"[recover] {m}"),
+        )
+        value = paper_rmse(res.rmse, is_complex)
+        info = {"model": res.model, "permutation": res.permutation, "candidates": res.candidates}
+        best = (value, "discrete", res.stack, info)
+    work = None
+    if learned and (best is None or best[0] > RECOVERED_RMSE):
+        work = Path(tempfile.mkdtemp(prefix="recover-", dir=_scratch()))
+        with trial_pool(sp.workers) or contextlib.nullcontext() as pool:
+            for model in models:
+                log(f"[recover] {args.matrix} n={n}: learned {model}")
+                res, fitted = learn_cell(target, "matrix", model, sp, work, p.storage, log, pool)
+                value = math.inf if fitted is None else rmse(fitted.matrix().detach(), target)
+                value = paper_rmse(value, is_complex)
+                log(f"[recover] learned {model}: rmse={value:.3e}")
+                info = {
+                    "model": model,
+                    "trials": res.trials,
+                    "steps": res.steps,
+                    "best_params": res.best_params,
+                }
+                if fitted is not None and (best is None or value < best[0]):
+                    best = (value, "learned", fitted, info)
+                if value <= RECOVERED_RMSE:
+                    break
     if best is None:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
         raise ValueError("no trial finished within the budget; raise recover.search.cell_seconds")
-    value, res, fitted = best
+    value, method, fitted, info = best
     out = Path(args.out)
     stage = Path(
         tempfile.mkdtemp(prefix=".recover-", dir=out.parent if out.parent.exists() else None)
@@ -262,23 +308,25 @@ def _recover_matrix(args: argparse.Namespace) -> int:
         "rmse": value,
         "mse": value**2,
         "n": n,
-        "model": res.model,
+        "method": method,
+        **info,
         "recovered": value <= RECOVERED_RMSE,
         "seconds": round(time.time() - t0, 2),
-        "trials": res.trials,
-        "steps": res.steps,
+        "cpu_seconds": round(time.process_time() - c0, 2),
         "profile": profile,
-        "best_params": res.best_params,
         "factors": "factors.pt",
-        "complex_input": target.is_complex(),
+        "complex_input": is_complex,
         "environment": environment.fingerprint(),
     }
     results.atomic_write_json(stage / "result.json", summary)
     results.replace_dir(stage, out)
-    shutil.rmtree(work, ignore_errors=True)
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
+    perm = f" permutation {info['permutation']}" if "permutation" in info else ""
     print(
         f"rmse {value:.3e} ({'recovered' if summary['recovered'] else 'not recovered'}) "
-        f"model {res.model} in {summary['seconds']:.1f}s -> {out}/result.json"
+        f"method {method} model {info['model']}{perm} in {summary['seconds']:.1f}s -> "
+        f"{out}/result.json"
     )
     return 0
 
@@ -310,13 +358,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     rec = sub.add_parser(
         "recover",
         help="transform recovery: learn butterfly factorizations",
-        parents=[params_parser()],
+        parents=[params_parser(default=None)],
     )
     rec.add_argument(
         "--matrix", help="a user matrix (.npy/.txt/.csv) to factorize instead of the grid"
     )
     rec.add_argument("--out", help="with --matrix: output folder for result.json and factors.pt")
     rec.add_argument("--model", default="auto", choices=["auto", "bp", "bpp", "bpbp"])
+    rec.add_argument(
+        "--method",
+        default="auto",
+        choices=["auto", "discrete", "learned"],
+        help="with --matrix: discrete (hard permutations, tasks/recovery/discrete.py), learned "
+        "(the paper's search), or auto: discrete, then learned if it did not recover",
+    )
     rec.add_argument("--only", help="run only these cells of the profile, e.g. dft:1024,dct:1024")
     rec.add_argument("--reports", default="reports", help="folder of the table and metrics")
     rec.add_argument(

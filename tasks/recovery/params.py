@@ -175,6 +175,40 @@ class HeartbeatParams:
 
 
 @dataclass(frozen=True)
+class DiscreteParams:
+    """Knobs of the discrete row (tasks/recovery/discrete.py): the fit of hard permutations
+    (bpbp, and bp / bpp targets the closed form misses) and the level search's budget."""
+
+    steps: int = 100  # Adam steps of the first halving round, doubled every round
+    rounds: int = 4  # halving rounds: 64 combos -> 16 -> 4 -> 1 (bpbp: 256 starts -> ... -> 4)
+    keep: float = 0.25  # fraction of combos kept after each round
+    lr: float = 0.03
+    init: str = "ortho"  # twiddle init (kernels.butterfly.INITS)
+    polish_steps: int = 30  # L-BFGS calls (of up to 20 iterations) on the survivors
+    max_nodes: int = 2_000  # backtracking budget of the level-by-level search
+    seed: int = 0
+    batch_entries: int = 2**18  # combos trained together: this many matrix entries in all
+    restarts: int = 4  # bpbp: random starts per combo of permutations (bp, bpp: one)
+
+    def batch_for(self, n: int) -> int:
+        """Combos per vectorised model at size n (16 up to n = 128, 4 at 256, 1 from 512)."""
+        return max(1, min(16, self.batch_entries // (n * n)))
+
+    def validate(self) -> None:
+        for name in ("steps", "rounds", "max_nodes", "batch_entries", "restarts"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"{name} must be >= 1")
+        if not 0 < self.keep <= 1:
+            raise FieldError("keep", "keep must be in (0, 1]")
+        if not self.lr > 0:
+            raise FieldError("lr", "lr must be > 0")
+        if self.init not in ("randn", "ortho"):
+            raise FieldError("init", "init must be randn or ortho")
+        if self.polish_steps < 0:
+            raise FieldError("polish_steps", "polish_steps must be >= 0")
+
+
+@dataclass(frozen=True)
 class RecoverParams:
     """The recover stage: which cells, which models, which baselines, and the search."""
 
@@ -185,6 +219,8 @@ class RecoverParams:
     storage: str | None = None  # Optuna storage URL; None = a journal file in the work dir
     heartbeat: HeartbeatParams = field(default_factory=HeartbeatParams)
     target_budget: dict[str, float] = field(default_factory=dict)  # target -> x trials and cap
+    # the discrete row beside the learned one (tasks/recovery/discrete.py); None: no such row
+    discrete: DiscreteParams | None = None
 
     def validate(self) -> None:
         from tasks.recovery.baselines import BASELINES

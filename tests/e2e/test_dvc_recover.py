@@ -73,7 +73,10 @@ def test_dvc_repro_recover_smoke(tmp_path: Path) -> None:
     assert set(RECOVERY_COLUMNS) <= set(df.columns)
     smoke = params["profiles"]["smoke"]["recover"]["sizes"]
     methods = {params["recover"]["models"][t] for t in smoke} | set(params["recover"]["baselines"])
+    methods |= {"discrete"} if params["recover"].get("discrete") is not None else set()
     assert set(df.target) == set(smoke) and set(df.method) == methods
+    if "discrete" in methods:  # the DFT's permutation found level by level, in closed form
+        assert df[(df.target == "dft") & (df.method == "discrete")].iloc[0].rmse < 1e-12
     dft = df[(df.target == "dft") & (df.method == "bp")].iloc[0]
     assert dft.rmse <= 1e-4 and bool(dft.recovered)  # the real training loop recovers the DFT
     hier = df[(df.target == "dft") & (df.method == "hierarchical")].iloc[0]

@@ -169,3 +169,19 @@ def test_markdown_table() -> None:
 )
 def test_short_sci(x: float, digits: int, s: str) -> None:
     assert report.short_sci(x, digits) == s
+
+
+def test_the_discrete_row_has_its_panel_and_table(tmp_path: Path) -> None:
+    """TEST DATA: a discrete row beside the learned one: its own panel, RMSE and seconds."""
+    df = pd.concat(
+        [_synthetic(), _df([("dft", 8, "discrete", 1e-16), ("dct", 16, "discrete", 0.3)])]
+    )
+    assert "discrete (beyond the paper)" in [t for t, _ in report.RECOVERY_PANELS]
+    md = report.recovery_markdown(df)
+    assert "the discrete row" in md
+    assert "| dft | discrete | 1e-16 ✓ (0.1s) | — |" in md
+    assert "Structured cells recovered by the discrete row: 1 of 2" in md
+    assert "the discrete row" not in report.recovery_markdown(_synthetic())
+    out = tmp_path / "fig.png"
+    report.recovery_figure(df, out)
+    assert out.read_bytes().startswith(b"\x89PNG")
