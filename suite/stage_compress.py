@@ -191,6 +191,15 @@ def collect(
     return pd.concat(rows, ignore_index=True), pd.concat(curves, ignore_index=True), missing
 
 
+def not_run(df: pd.DataFrame, methods: list[str]) -> tuple[str, list[str]] | None:
+    """(the claim's profile, the configured methods it has no rows for), or None: rows kept
+    from another profile's unfinished run are partial too, whichever profile runs now."""
+    profile = compression_report.best_profile(df)
+    have = set(df.method[df.profile == profile]) if "profile" in df else set(df.method)
+    missing = [m for m in methods if m not in have]
+    return (profile, missing) if missing else None
+
+
 def keep_other_profiles(new: pd.DataFrame, path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     """`new` plus the rows of the other profiles already in the table at `path`.
 
@@ -214,10 +223,12 @@ def cmd_compress_report(args: argparse.Namespace) -> int:
         return 0
     profile, p = compress_params(args.params, args.profile)
     df, curves, missing = collect(Path(args.runs), p.methods, args.allow_missing)
-    partial = (profile, missing) if missing else None
     if missing:
         log(f"[compress-report] partial: {len(missing)} method(s) not run yet: {missing}")
     df = keep_other_profiles(df, Path(args.table), results.COMPRESSION_COLUMNS)
+    partial = not_run(df, p.methods)
+    if partial and partial[0] != profile:
+        log(f"[compress-report] profile {partial[0]} (the claim's) lacks {partial[1]}")
     curves = keep_other_profiles(curves, Path(args.curves), CURVE_COLUMNS)
     results.write_table(df, Path(args.table), results.COMPRESSION_COLUMNS)
     results.write_table(curves, Path(args.curves), (*CURVE_COLUMNS, "profile"))

@@ -171,6 +171,20 @@ def test_a_partial_run_is_listed_and_its_claim_is_provisional(tmp_path) -> None:
         collect(tmp_path, ["bp_real"], allow_missing=True)
 
 
+def test_an_unfinished_profile_kept_in_the_table_stays_partial() -> None:
+    """A quick report keeps the rows of a paper run that stopped early: the claim uses the paper
+    rows, so the paper profile is the partial one, whichever profile ran the report."""
+    from suite.stage_compress import not_run
+
+    methods = ["dense", "bp_real", "bpbp_real", "circulant"]
+    quick = _rows({m: (t[:1], v[:1], ms) for m, (t, v, ms) in FINAL.items()}, "quick")
+    paper = _rows({m: FINAL[m] for m in ("dense", "bp_real")}, "paper")
+    assert not_run(quick, methods) == ("quick", ["circulant"])
+    assert not_run(quick, methods[:3]) is None
+    assert not_run(pd.concat([quick, paper]), methods) == ("paper", ["bpbp_real", "circulant"])
+    assert not_run(pd.concat([quick, paper]), ["dense", "bp_real"]) is None
+
+
 def test_one_seed_has_no_interval_and_stays_provisional() -> None:
     one = _rows({m: (t[:1], v[:1], ms) for m, (t, v, ms) in FINAL.items()})
     h = cr.headline(one)
