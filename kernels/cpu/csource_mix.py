@@ -34,6 +34,25 @@ void mix_SFX(const int64_t *a)
     }
 }
 
+/* One step of the chain on a tile (element-major, R rows per element; complex: two planes):
+   dst[i] = ca[i] src[i] + cb[i] src[q[i]], each a whole vector of rows. */
+static void tl_mix_step_SFX(const real_t *src, real_t *dst, int64_t n, int cplx,
+                            const int32_t *q, const real_t *ca, const real_t *cb)
+{
+    const int64_t R = TR_SFX;
+    for (int64_t part = 0; part < (cplx ? 2 : 1); part++) {
+        const real_t *sp = src + part * n * R;
+        real_t *dp = dst + part * n * R;
+        for (int64_t i = 0; i < n; i++) {
+            const real_t ai = ca[i], bi = cb[i];
+            const real_t *u = sp + i * R, *v = sp + (int64_t)q[i] * R;
+            real_t *d = dp + i * R;
+#pragma omp simd
+            for (int64_t r = 0; r < R; r++) d[r] = ai * u[r] + bi * v[r];
+        }
+    }
+}
+
 /* a: xr, xi, xs0, xs1, yr, yi, ys0, ys1, batch, n, steps, q (int32), ca, cb (steps * n each),
    cplx, work (two tile buffers). Strides in real_t units; xi / yi as in tl_forward_*. */
 void tl_mix_SFX(const int64_t *a)
@@ -52,19 +71,7 @@ void tl_mix_SFX(const int64_t *a)
         real_t *src = buf0, *dst = buf1;
         tl_load_SFX(xr, xi, xs0, xs1, r0, rows, n, cplx, src);
         for (int64_t k = 0; k < steps; k++) {
-            const int32_t *qk = q + k * n;
-            const real_t *ak = ca + k * n, *bk = cb + k * n;
-            for (int64_t part = 0; part < (cplx ? 2 : 1); part++) {
-                const real_t *sp = src + part * n * R;
-                real_t *dp = dst + part * n * R;
-                for (int64_t i = 0; i < n; i++) {
-                    const real_t ai = ak[i], bi = bk[i];
-                    const real_t *u = sp + i * R, *v = sp + (int64_t)qk[i] * R;
-                    real_t *d = dp + i * R;
-#pragma omp simd
-                    for (int64_t r = 0; r < R; r++) d[r] = ai * u[r] + bi * v[r];
-                }
-            }
+            tl_mix_step_SFX(src, dst, n, cplx, q + k * n, ca + k * n, cb + k * n);
             real_t *t = src; src = dst; dst = t;
         }
         tl_store_SFX(src, n, cplx, r0, rows, yr, yi, ys0, ys1);
@@ -96,23 +103,9 @@ void tl_mix_grad_SFX(const int64_t *a)
     for (int64_t r0 = 0; r0 < batch; r0 += R) {
         const int64_t rows = batch - r0 < R ? batch - r0 : R;
         tl_load_SFX(xr, xi, xs0, xs1, r0, rows, n, cplx, keep);
-        for (int64_t k = 0; k + 1 < steps; k++) {
-            const real_t *src = keep + k * lvl;
-            real_t *dst = keep + (k + 1) * lvl;
-            const int32_t *qk = q + k * n;
-            const real_t *ak = ca + k * n, *bk = cb + k * n;
-            for (int64_t part = 0; part < (cplx ? 2 : 1); part++) {
-                const real_t *sp = src + part * n * R;
-                real_t *dp = dst + part * n * R;
-                for (int64_t i = 0; i < n; i++) {
-                    const real_t ai = ak[i], bi = bk[i];
-                    const real_t *u = sp + i * R, *v = sp + (int64_t)qk[i] * R;
-                    real_t *d = dp + i * R;
-#pragma omp simd
-                    for (int64_t r = 0; r < R; r++) d[r] = ai * u[r] + bi * v[r];
-                }
-            }
-        }
+        for (int64_t k = 0; k + 1 < steps; k++)
+            tl_mix_step_SFX(keep + k * lvl, keep + (k + 1) * lvl, n, cplx, q + k * n, ca + k * n,
+                            cb + k * n);
         real_t *g = buf0, *h = buf1;
         tl_load_SFX(gyr, gyi, gs0, gs1, r0, rows, n, cplx, g);
         for (int64_t k = steps - 1; k >= 0; k--) {
