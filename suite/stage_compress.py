@@ -188,10 +188,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def collect(
-    runs: Path, methods: list[str], allow_missing: bool = False
+    runs: Path, methods: list[str], profile: str, allow_missing: bool = False
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """The rows and curves of the configured methods, and the methods without rows; a missing
-    method is an error unless allow_missing (a report of a run still in progress).
+    """The rows and curves of the configured methods, and the methods without rows of
+    `profile`; such a method (no rows, or rows of another profile: a folder left from an
+    earlier run) is an error unless allow_missing (a report of a run still in progress).
 
     Curves get their run's profile (from the method's rows).
     """
@@ -202,6 +203,14 @@ def collect(
             missing.append(method)
             continue
         r = results.read_table(folder / "rows.csv", results.COMPRESSION_COLUMNS)
+        if set(r.profile) != {profile}:
+            if allow_missing:
+                missing.append(method)
+                continue
+            raise ValueError(
+                f"{folder / 'rows.csv'} holds rows of profile {sorted(set(r.profile))}, not "
+                f"{profile!r}: run compress@{method} with profile {profile}"
+            )
         c = results.read_table(folder / "curves.csv", CURVE_COLUMNS)
         rows.append(r)
         curves.append(c.assign(profile=r.profile.iloc[0]))
@@ -241,7 +250,7 @@ def cmd_compress_report(args: argparse.Namespace) -> int:
         log(f"[compress-report] {args.table} -> {args.figure}")
         return 0
     profile, p = compress_params(args.params, args.profile)
-    df, curves, missing = collect(Path(args.runs), p.methods, args.allow_missing)
+    df, curves, missing = collect(Path(args.runs), p.methods, profile, args.allow_missing)
     if missing:
         log(f"[compress-report] partial: {len(missing)} method(s) not run yet: {missing}")
     df = keep_other_profiles(df, Path(args.table), results.COMPRESSION_COLUMNS)

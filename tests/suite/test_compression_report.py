@@ -179,12 +179,17 @@ def test_a_partial_run_is_listed_and_its_claim_is_provisional(tmp_path) -> None:
                                val_accuracy=40.0, seconds=1.0)])  # fmt: skip
     results.write_table(curve, folder / "curves.csv", CURVE_COLUMNS)
     with pytest.raises(FileNotFoundError, match="bp_real"):
-        collect(tmp_path, ["dense", "bp_real"])
-    df, curves, missing = collect(tmp_path, ["dense", "bp_real"], allow_missing=True)
+        collect(tmp_path, ["dense", "bp_real"], "paper")
+    df, curves, missing = collect(tmp_path, ["dense", "bp_real"], "paper", allow_missing=True)
     assert missing == ["bp_real"] and set(df.method) == {"dense"}
     assert (curves.profile == "paper").all()
     with pytest.raises(FileNotFoundError, match="no method"):
-        collect(tmp_path, ["bp_real"], allow_missing=True)
+        collect(tmp_path, ["bp_real"], "paper", allow_missing=True)
+    # a folder left by another profile's run is not this profile's result
+    with pytest.raises(ValueError, match="holds rows of profile \\['paper'\\], not 'quick'"):
+        collect(tmp_path, ["dense"], "quick")
+    with pytest.raises(FileNotFoundError, match="no method"):
+        collect(tmp_path, ["dense"], "quick", allow_missing=True)
 
 
 def test_an_unfinished_profile_kept_in_the_table_stays_partial() -> None:
