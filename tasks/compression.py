@@ -470,8 +470,32 @@ def _worker_fit(method: str, lr: float, seed: int, p: CompressParams, pre: Train
     return _fit(method, _WORKER["features"], lr, seed, p, _worker_log, pre)
 
 
+@dataclass
+class _Progress:
+    """'k of n runs' of one method with the time spent and an estimate of the time left."""
+
+    method: str
+    planned: int
+    log: Log
+    done: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def step(self) -> None:
+        self.done += 1
+        spent = time.perf_counter() - self.t0
+        left = spent / self.done * max(0, self.planned - self.done)
+        self.log(f"[compress] {self.method}: {self.done} of {self.planned} runs done, "
+                 f"{spent:.0f} s, about {left:.0f} s left")  # fmt: skip
+
+
 def _fit_jobs(
-    method: str, f: Features, jobs: list[Job], p: CompressParams, log: Log, kept: RunCache
+    method: str,
+    f: Features,
+    jobs: list[Job],
+    p: CompressParams,
+    log: Log,
+    kept: RunCache,
+    progress: _Progress,
 ) -> dict[Job, Fitted]:
     """_fit for every (lr, seed) job: in this process, or `workers` spawned processes at once.
 
@@ -487,6 +511,7 @@ def _fit_jobs(
             runs[job] = (_kept_net(method, job[1], trained.state), trained, projected)
             log(f"[compress] {method} seed={job[1]} lr={job[0]:g}: kept run reused "
                 f"(val {trained.val_accuracy:.2f}%)")  # fmt: skip
+            progress.step()
     todo = [job for job in jobs if job not in runs]
     pre = {}
     for job in todo:
@@ -499,6 +524,7 @@ def _fit_jobs(
         if trained.pre is not None and pre[job] is None:
             kept.save("dense", p, *job, trained.pre)
         runs[job] = fitted
+        progress.step()
 
     _fit_all(method, f, todo, p, log, pre, keep)
     return runs
@@ -582,19 +608,22 @@ def run_method(
     f = make_features(arrays, p)
     log(f"[compress] {method}: features {f.counts()}")
     first, lrs = p.seeds[0], sorted(p.lrs_for(method))
-    runs = _fit_jobs(method, f, [(lr, first) for lr in lrs], p, log, kept)
+    progress = _Progress(method, len(lrs) + len(p.seeds) - 1, log)
+    runs = _fit_jobs(method, f, [(lr, first) for lr in lrs], p, log, kept, progress)
     for _ in range(p.lr_extend):  # the best at an edge: one more candidate beyond it
         new = next_lr(lrs, _best_lr(lrs, runs, first))
         if new is None:
             break
         log(f"[compress] {method}: lr {_best_lr(lrs, runs, first):g} is at an edge: trying {new:g}")
-        runs.update(_fit_jobs(method, f, [(new, first)], p, log, kept))
+        progress.planned += 1
+        runs.update(_fit_jobs(method, f, [(new, first)], p, log, kept, progress))
         lrs = sorted([*lrs, new])
     lr = _best_lr(lrs, runs, first)
     search = " ".join(f"{r:g}:{runs[(r, first)][1].val_accuracy:.2f}" for r in lrs)
     if len(lrs) > 1:
         log(f"[compress] {method}: lr search (val %) {search} -> {lr:g}")
-    runs.update(_fit_jobs(method, f, [(lr, s) for s in p.seeds if s != first], p, log, kept))
+    others = [(lr, s) for s in p.seeds if s != first]
+    runs.update(_fit_jobs(method, f, others, p, log, kept, progress))
     records = []
     for seed in p.seeds:
         net, trained, projected = runs[(lr, seed)]

@@ -215,6 +215,9 @@ def test_lr_search_extends_past_an_edge_until_the_best_is_inside() -> None:
     tried = [float(x.split(":")[0]) for x in rec["lr_search"].split()]
     assert tried[:3] == [1e-7, 1e-6, 1e-5] and tried == sorted(tried) and len(tried) <= 5
     assert sum("is at an edge: trying" in m for m in said) == len(tried) - 2
+    done = [m for m in said if " runs done, " in m]  # progress: k of n, n grows per extension
+    assert done[-1].startswith(f"[compress] dense: {len(tried)} of {len(tried)} runs done, ")
+    assert done[-1].endswith("about 0 s left") and len(done) == len(tried)
     assert rec["lr_candidates"] == tried and rec["lr"] in tried
     (none,) = run_method("dense", _arrays(), _params(lrs=[1e-7, 1e-6], max_epochs=1), print)
     assert none["lr_candidates"] == [1e-7, 1e-6]  # lr_extend 0: the grid as given
