@@ -13,6 +13,10 @@
 - "reference": everything else (other dtypes or devices, gradients or complex without a C
   compiler): the torch oracle of kernels/reference.py, with autograd. The C kernels' absence
   is warned about once (kernels.cpu.compiled); BUTTERFLY_CPU_BACKEND=torch forces it.
+
+A learned (relaxed) permutation's multiply is chosen here too: `permute_route(perm, x)` names
+its path and `relaxed_permutation` takes it (the compiled chain of kernels.cpu.permute with its
+own backward when training, its inference plan otherwise, Permutation.forward elsewhere).
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ import torch
 from kernels.cpu import CPUButterfly
 from kernels.cpu.compiled import forced_torch, library
 from kernels.cpu.complex_rows import ComplexRowPlan
+from kernels.cpu.permute import PermutationPlanCache, relaxed_permute
 from kernels.cpu.tiled import butterfly_multiply_tiled, tiled_dtype
+from kernels.permutation import Permutation
 from kernels.reference import butterfly_multiply_reference
 
 ROW_DTYPES = (torch.float32, torch.float64)
+PERMUTE_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 # the complex row loop beats the tiled forward up to here (n = 1024: crossover 4 .. 16 rows)
 COMPLEX_ROWS_MAX_BATCH = 8
 
@@ -159,3 +166,31 @@ def butterfly_multiply(
     else:
         y = butterfly_multiply_reference(twiddle, x, increasing_stride)
     return y if bias is None else _add_bias(y, bias)
+
+
+def permute_route(perm: Permutation, x: torch.Tensor) -> str:
+    """The path relaxed_permutation(perm, x) takes.
+
+    "cpu-relaxed": CPU, float32/64 or complex64/128, grad mode on, a C compiler: the compiled
+    chain with its own backward (relaxed_permute). "cpu-plan": the same without grad mode: the
+    inference plan (PermutationPlanCache). "torch": everything else, Permutation.forward.
+    """
+    if x.device.type != "cpu" or x.dtype not in PERMUTE_DTYPES or forced_torch():
+        return "torch"
+    if library() is None:
+        return "torch"
+    return "cpu-relaxed" if torch.is_grad_enabled() else "cpu-plan"
+
+
+def relaxed_permutation(
+    perm: Permutation, x: torch.Tensor, cache: PermutationPlanCache | None = None
+) -> torch.Tensor:
+    """perm(x) for x (batch, n) on the path permute_route names; `cache` keeps inference plans."""
+    path = permute_route(perm, x)
+    if path == "cpu-relaxed":
+        return relaxed_permute(x, perm.probs(), perm.top_only)
+    if path == "cpu-plan":
+        plan = (cache or PermutationPlanCache()).lookup(perm, x.dtype)
+        if plan is not None:
+            return plan(x)
+    return perm(x)

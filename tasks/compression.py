@@ -23,7 +23,8 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -212,6 +213,52 @@ class Trained:
         return self.stopped_by in CAPS
 
 
+DENSE_RUN_KNOBS = ("n_train", "n_test", "val_fraction", "split_seed", "batch_size", "max_epochs",
+                   "patience", "min_delta", "max_seconds", "threads")  # fmt: skip
+"""The knobs a dense training run depends on besides its lr and seed."""
+
+
+@dataclass(frozen=True)
+class DenseRuns:
+    """Finished dense training runs, one file per (lr, seed) in a folder.
+
+    The dense method writes every run it trains (lr candidates and seeds) to `write`; the dense
+    phase of a projected method is the same run (same net, data split, seed, lr and stopping
+    rule), so it loads the file from `read` instead of training again, when the file's key
+    (the DENSE_RUN_KNOBS, lr, seed and `context`: data checksum, code digest) matches its own.
+    """
+
+    read: Path | None = None
+    write: Path | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def key(self, p: CompressParams, lr: float, seed: int) -> dict[str, Any]:
+        return {**{k: getattr(p, k) for k in DENSE_RUN_KNOBS}, **self.context, "lr": lr,
+                "seed": seed}  # fmt: skip
+
+    @staticmethod
+    def name(lr: float, seed: int) -> str:
+        return f"lr{lr:g}-seed{seed}.pt"
+
+    def load(self, p: CompressParams, lr: float, seed: int) -> Trained | None:
+        """The stored run of (lr, seed), or None when absent or trained under another key."""
+        path = None if self.read is None else self.read / self.name(lr, seed)
+        if path is None or not path.is_file():
+            return None
+        blob = torch.load(path, weights_only=True)
+        if blob.get("key") != self.key(p, lr, seed):
+            return None
+        return Trained(**blob["trained"])
+
+    def save(self, p: CompressParams, lr: float, seed: int, t: Trained) -> None:
+        if self.write is None:
+            return
+        self.write.mkdir(parents=True, exist_ok=True)
+        trained = {k: v for k, v in asdict(t).items() if k != "pre"}
+        torch.save({"key": self.key(p, lr, seed), "trained": trained},
+                   self.write / self.name(lr, seed))  # fmt: skip
+
+
 def _stop_reason(
     epoch: int, best_epoch: int, loss: float, elapsed: float, epochs: int, p: CompressParams
 ) -> str | None:
@@ -320,18 +367,31 @@ def _fresh_net(method: str, seed: int) -> HiddenNet:
     return HiddenNet(make_layer(method, N_FEATURES, torch.Generator().manual_seed(seed)))
 
 
-def _fit(method: str, f: Features, lr: float, seed: int, p: CompressParams, log: Log):
+def _fit(
+    method: str,
+    f: Features,
+    lr: float,
+    seed: int,
+    p: CompressParams,
+    log: Log,
+    pre: Trained | None = None,
+):
     """Train one method at one lr and seed; projected methods pre-train dense first.
 
     Returns (net, trained, projected val accuracy or None); for a projected method
-    trained.pre holds the dense phase (its curve comes first in trained.curve).
+    trained.pre holds the dense phase (its curve comes first in trained.curve). `pre`: that
+    dense phase, already trained by the dense method (DenseRuns), instead of training it here.
     """
     label = f"{method} seed={seed} lr={lr:g}"
     if method not in PROJECTED:
         net = _fresh_net(method, seed)
         return net, train(net, f, lr, p.max_epochs, p, seed, log, label), None
     dense = _fresh_net("dense", seed)
-    pre = train(dense, f, lr, p.max_epochs, p, seed, log, f"{label} (dense phase)")
+    if pre is None:
+        pre = train(dense, f, lr, p.max_epochs, p, seed, log, f"{label} (dense phase)")
+    else:
+        dense.load_state_dict(pre.state)  # where train() leaves the net: its best checkpoint
+        log(f"[compress] {label}: dense phase reused (val {pre.val_accuracy:.2f}%)")
     kind = make_layer(PROJECTED[method], N_FEATURES)
     with torch.no_grad():
         hidden = type(kind).from_matrix(dense.hidden.matrix().detach())
@@ -380,17 +440,36 @@ def _worker_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _worker_fit(method: str, lr: float, seed: int, p: CompressParams) -> Fitted:
-    return _fit(method, _WORKER["features"], lr, seed, p, _worker_log)
+def _worker_fit(method: str, lr: float, seed: int, p: CompressParams, pre: Trained | None):
+    return _fit(method, _WORKER["features"], lr, seed, p, _worker_log, pre)
 
 
-def _fit_jobs(method: str, f: Features, jobs: list[Job], p: CompressParams, log: Log) -> dict:
+def _fit_jobs(
+    method: str, f: Features, jobs: list[Job], p: CompressParams, log: Log, dense: DenseRuns
+) -> dict[Job, Fitted]:
     """_fit for every (lr, seed) job: in this process, or `workers` spawned processes at once.
 
-    Runs are independent and seeded, so the result does not depend on `workers`.
+    Runs are independent and seeded, so the result does not depend on `workers`. A projected
+    method's dense phases come from `dense` where stored; the dense method stores its runs there.
     """
-    if p.workers == 1 or len(jobs) == 1:
-        return {job: _fit(method, f, *job, p, log) for job in jobs}
+    pre = {job: dense.load(p, *job) if method in PROJECTED else None for job in jobs}
+    runs = _fit_all(method, f, jobs, p, log, pre)
+    if method == "dense":
+        for job, (_, trained, _) in runs.items():
+            dense.save(p, *job, trained)
+    return runs
+
+
+def _fit_all(
+    method: str,
+    f: Features,
+    jobs: list[Job],
+    p: CompressParams,
+    log: Log,
+    pre: dict[Job, Trained | None],
+) -> dict[Job, Fitted]:
+    if p.workers == 1 or len(jobs) <= 1:
+        return {job: _fit(method, f, *job, p, log, pre[job]) for job in jobs}
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     with ProcessPoolExecutor(
         min(p.workers, len(jobs)),
@@ -398,29 +477,35 @@ def _fit_jobs(method: str, f: Features, jobs: list[Job], p: CompressParams, log:
         initializer=_worker_init,
         initargs=(f, p.threads),
     ) as pool:
-        futures = {job: pool.submit(_worker_fit, method, *job, p) for job in jobs}
+        futures = {job: pool.submit(_worker_fit, method, *job, p, pre[job]) for job in jobs}
         return {job: fut.result() for job, fut in futures.items()}
 
 
 def run_method(
-    method: str, arrays: dict[str, np.ndarray], p: CompressParams, log: Log
+    method: str,
+    arrays: dict[str, np.ndarray],
+    p: CompressParams,
+    log: Log,
+    dense: DenseRuns | None = None,
 ) -> list[dict[str, Any]]:
     """Train `method` for every seed (after an lr search on validation if several lrs).
 
     The lr candidates train at once (`workers` processes), then the other seeds at the chosen
     lr. Returns one record per seed: accuracies, parameter counts, stop reason and cap flags,
     latency, learning curve, the best-validation state dict ("state") and the net ("net").
+    `dense`: where the dense method stores its runs and a projected method finds its dense phase.
     """
+    dense = dense or DenseRuns()
     torch.set_num_threads(p.threads)
     f = make_features(arrays, p)
     log(f"[compress] {method}: features {f.counts()}")
     first, lrs = p.seeds[0], p.lrs_for(method)
-    runs = _fit_jobs(method, f, [(lr, first) for lr in lrs], p, log)
+    runs = _fit_jobs(method, f, [(lr, first) for lr in lrs], p, log, dense)
     lr = max(lrs, key=lambda r: (runs[(r, first)][1].val_accuracy, -r))
     search = " ".join(f"{r:g}:{runs[(r, first)][1].val_accuracy:.2f}" for r in lrs)
     if len(lrs) > 1:
         log(f"[compress] {method}: lr search (val %) {search} -> {lr:g}")
-    runs.update(_fit_jobs(method, f, [(lr, s) for s in p.seeds if s != first], p, log))
+    runs.update(_fit_jobs(method, f, [(lr, s) for s in p.seeds if s != first], p, log, dense))
     records = []
     for seed in p.seeds:
         net, trained, projected = runs[(lr, seed)]

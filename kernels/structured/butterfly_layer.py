@@ -9,8 +9,8 @@ compute in complex and return the real part, so W = Re(B_2 P_2 B_1 P_1).
 On the CPU every layer runs factored and compiled, training included: each B through
 kernels.multiply (the row loop or the tiled kernels, complex included, with their backward) and
 a learned P through kernels.cpu.permute (an inference plan, or `relaxed_permute` with its
-gradients when training). `materialised` (B P built in O(n^2), one GEMM) is the earlier
-training path, kept for the bench and as a check.
+gradients when training), both chosen in kernels.multiply. `materialised` (B P built in
+O(n^2), one GEMM) is the earlier training path, kept for the bench and as a check.
 
 Init: Butterfly's "ortho" (every 2x2 Haar orthogonal / unitary), so each B is orthogonal /
 unitary and a fixed-P real layer is orthogonal at init (norm-preserving; a complex layer's
@@ -23,15 +23,13 @@ import torch
 from torch import nn
 
 from kernels.butterfly import Butterfly, tied_bp_matrix
-from kernels.cpu.compiled import forced_torch, library
-from kernels.cpu.permute import PermutationPlanCache, relaxed_permute
+from kernels.cpu.permute import PermutationPlanCache
 from kernels.factorize import hierarchical_butterfly
-from kernels.multiply import butterfly_multiply
+from kernels.multiply import butterfly_multiply, relaxed_permutation
 from kernels.permutation import Permutation, bit_reversal
 from kernels.structured.base import StructuredLayer, check_size
 
 INIT = "ortho"
-FAST_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 LOGIT_INIT = 4.0  # sigmoid(4) = 0.98 per level: close to bit reversal, still trainable
 
 
@@ -73,17 +71,10 @@ class BPLayer(StructuredLayer):
     def _permute(self, block: int, x: torch.Tensor) -> torch.Tensor:
         if not self.learned:
             return x.index_select(1, self.perm)
-        perm = self.perms[block]
-        if x.device.type != "cpu" or x.dtype not in FAST_DTYPES or forced_torch():
-            return perm(x)
-        if torch.is_grad_enabled():  # training: the compiled chain with its own backward
-            return perm(x) if library() is None else relaxed_permute(x, perm.probs(), perm.top_only)
-        # inference: the compiled chain of relaxed steps (same values as perm(x), no autograd)
         cache = self.__dict__.get("_perm_plans")
         if cache is None:  # layers pickled before the cache existed
             cache = self._perm_plans = PermutationPlanCache()
-        plan = cache.lookup(perm, x.dtype)
-        return perm(x) if plan is None else plan(x)
+        return relaxed_permutation(self.perms[block], x, cache)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -126,3 +126,31 @@ def test_training_chain_rejects_bad_input() -> None:
         relaxed_permute(torch.randn(2, 2, 8), perm.probs(), False)
     with pytest.raises(ValueError, match="batch, n"):
         relaxed_permute(torch.randn(2, 8, dtype=torch.float16), perm.probs(), False)
+
+
+def test_permute_route_names_each_path_and_each_path_gives_perm_x(
+    gen: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kernels.multiply chooses a learned permutation's path: the compiled chain with its
+    backward when training, the inference plan without grad mode, torch for the rest."""
+    from kernels.multiply import permute_route, relaxed_permutation
+
+    perm = Permutation(64, share=True, generator=gen)
+    x = torch.randn(9, 64, dtype=torch.float64, generator=gen, requires_grad=True)
+    cache = PermutationPlanCache()
+    want = perm(x)
+    assert permute_route(perm, x) == "cpu-relaxed"
+    got = relaxed_permutation(perm, x, cache)
+    assert got.grad_fn is not None and "Relaxed" in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, want)
+    g, wrt = torch.randn_like(want), (x, perm.logits)
+    torch.testing.assert_close(torch.autograd.grad(got, wrt, g), torch.autograd.grad(want, wrt, g))
+    with torch.no_grad():
+        assert permute_route(perm, x) == "cpu-plan"
+        torch.testing.assert_close(relaxed_permutation(perm, x, cache), want.detach())
+        assert len(cache._plans) == 1  # the plan is kept for the next call
+        assert permute_route(perm, x.half()) == "torch"
+    assert permute_route(perm, x.to(torch.bfloat16)) == "torch"
+    monkeypatch.setenv(compiled.BACKEND_ENV, "torch")
+    assert permute_route(perm, x) == "torch"
+    torch.testing.assert_close(relaxed_permutation(perm, x), want)

@@ -13,6 +13,7 @@ import torch
 
 from tasks.compression import (
     CompressParams,
+    DenseRuns,
     HiddenNet,
     accuracy,
     grayscale,
@@ -194,6 +195,38 @@ def test_run_method_records(method: str) -> None:
         assert rec["stopped_by"] == "dense phase epoch_cap; fine-tune epoch_cap"
     else:
         assert rec["stopped_by"] == "epoch_cap" and rec["max_epochs"] == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_projected_method_reuses_the_dense_runs(tmp_path, capfd, workers: int) -> None:
+    """The dense method stores each run; dense_to_monarch loads its dense phase from there and
+    ends with the records of a run that trained the dense phase itself."""
+    arrays = _arrays(per_class=12, test_per_class=4)
+    kw = dict(lrs=[1e-3, 3e-3], seeds=[0, 1], max_epochs=2, finetune_epochs=1, workers=workers)
+    p = _params(methods=["dense", "dense_to_monarch"], **kw)
+    ctx = {"arrays_sha256": "a", "code": "c"}
+    dense = run_method("dense", arrays, p, lambda _: None, DenseRuns(write=tmp_path, context=ctx))
+    stored = {x.name for x in tmp_path.iterdir()}
+    assert stored == {"lr0.001-seed0.pt", "lr0.003-seed0.pt", f"lr{dense[1]['lr']:g}-seed1.pt"}
+    fresh = run_method("dense_to_monarch", arrays, p, lambda _: None)
+    said: list[str] = []
+    capfd.readouterr()
+    reused = run_method("dense_to_monarch", arrays, p, said.append,
+                        DenseRuns(read=tmp_path, context=ctx))  # fmt: skip
+    said += capfd.readouterr().err.splitlines()  # what the worker processes logged
+    assert not any("(dense phase) epoch" in m for m in said)
+    same_lr = reused[1]["lr"] == dense[1]["lr"]  # seed 1 is stored at dense's chosen lr only
+    assert sum("dense phase reused" in m for m in said) == 2 + same_lr
+    for a, b in zip(fresh, reused, strict=True):
+        assert (a["lr"], a["lr_search"], a["epochs"]) == (b["lr"], b["lr_search"], b["epochs"])
+        assert (a["test_accuracy"], a["projected_val_accuracy"]) == (
+            b["test_accuracy"], b["projected_val_accuracy"])  # fmt: skip
+        assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    other = DenseRuns(read=tmp_path, context={**ctx, "code": "changed"})
+    said.clear()
+    run_method("dense_to_monarch", arrays, _params(methods=["dense_to_monarch"], lrs=[1e-3],
+               max_epochs=2, finetune_epochs=1), said.append, other)  # fmt: skip
+    assert any("(dense phase) epoch" in m for m in said)  # another key: trained again
 
 
 @pytest.mark.parametrize("method", ["bp_complex", "dense_to_butterfly"])
