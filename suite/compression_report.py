@@ -7,8 +7,9 @@ Honesty rules of the headline: it uses the best profile present (paper > quick >
 says which; the best butterfly is chosen on validation accuracy; the gap is the mean over
 seeds of the paired (same seed) test-accuracy difference with a 95% t-interval; and the gap's
 verdict is "provisional (...)" when a row it rests on hit a runaway cap, the dense baseline
-stopped while still improving, fewer than two seeds pair up (no interval), or the rows do not
-record how training stopped.
+stopped while still improving, fewer than two seeds pair up (no interval), the rows do not
+record how training stopped, or the lr search chose dense's or the best butterfly's lr at an
+edge of its grid (the search did not bracket that method's best lr).
 """
 
 from __future__ import annotations
@@ -154,6 +155,28 @@ def paired_gap(bfly: pd.DataFrame, dense: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
+def lr_edge(lr: float, lr_search: object) -> str:
+    """"lowest" / "highest" when `lr` is the smallest / largest of several searched candidates
+    ("0.001:50.67 0.003:51.35 ..." as in the rows' lr_search), else ""."""
+    if not isinstance(lr_search, str) or " " not in lr_search.strip():
+        return ""
+    grid = [float(x.split(":")[0]) for x in lr_search.split()]
+    if math.isclose(lr, min(grid)):
+        return "lowest"
+    return "highest" if math.isclose(lr, max(grid)) else ""
+
+
+def _lr_reasons(s: pd.DataFrame, best: str) -> list[str]:
+    """The claim's methods (dense, best butterfly) whose chosen lr sits at an edge of its grid."""
+    out = []
+    for method in ("dense", best):
+        r = s[s.method == method].iloc[0]
+        edge = lr_edge(float(r.lr), r.lr_search)
+        if edge:
+            out.append(f"{method}'s lr {r.lr:g} is the {edge} of its search grid")
+    return out
+
+
 def _cap_reasons(rows: pd.DataFrame, best: str) -> list[str]:
     """Why a gap computed from these rows (dense and every butterfly candidate) cannot be
     final yet; empty if it can."""
@@ -193,7 +216,7 @@ def headline(df: pd.DataFrame, partial: Partial | None = None) -> dict[str, Any]
     d, b = dense.iloc[0], bfly.loc[bfly.val_mean.idxmax()]
     gap = paired_gap(rows[rows.method == b.method], rows[rows.method == "dense"])
     used = rows[rows.method.isin(["dense", *bfly.method])]
-    reasons = _cap_reasons(used, str(b.method))
+    reasons = _cap_reasons(used, str(b.method)) + _lr_reasons(s, str(b.method))
     if gap["gap_seeds"] < 2:
         reasons.append(f"{gap['gap_seeds']} paired seed(s): no interval")
     if partial and partial[0] == profile:
@@ -386,6 +409,7 @@ def profile_table(df: pd.DataFrame) -> list[str]:
         pr = paper.compression_row_for(r.method)
         sd = "" if math.isnan(r.test_std) else f" ± {r.test_std:.2f}"
         search = f" ({r.lr_search})" if isinstance(r.lr_search, str) and " " in r.lr_search else ""
+        search += {"lowest": " ↓", "highest": " ↑"}.get(lr_edge(float(r.lr), r.lr_search), "")
         lines.append(
             f"| {r.method} | {int(r.hidden_params):,} | {r.compression_factor:.1f} "
             f"| {r.test_mean:.2f}{sd} | {int(r.seeds)} "
@@ -401,7 +425,8 @@ def profile_table(df: pd.DataFrame) -> list[str]:
         "caps only guard against runaways. best/epochs: mean over seeds of the best-validation "
         "epoch and of the epochs run; * = a cap stopped the run, ** = it stopped it while the "
         "best validation epoch was within the last `patience` epochs (still improving). The "
-        "lr column is the learning rate the validation search chose per method.",
+        "lr column is the learning rate the validation search chose per method; ↓ / ↑: the "
+        "lowest / highest candidate of its grid (the search did not bracket its best lr).",
         f"Latency: {_threads(df)}; data: {df.data_source.iloc[0]} "
         f"(sha256 {str(df.data_sha256.iloc[0])[:12]}).",
     ]

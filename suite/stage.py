@@ -1,11 +1,33 @@
-"""What every stage's command shares: the --params/--profile parser and the stage logger."""
+"""What every stage's command shares: the --params/--profile parser, the stage logger, the
+scratch folder and the digest of the code a kept result depends on."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
+from pathlib import Path
 
 from suite import params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scratch() -> Path:
+    """./.suite-tmp (git-ignored): kept results and work folders of the stages."""
+    path = Path.cwd() / ".suite-tmp"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def code_digest(patterns: tuple[str, ...], root: Path = REPO) -> str:
+    """sha256 of the files matching `patterns` (globs under root, paths and contents): a change
+    there invalidates the results kept under that digest."""
+    h = hashlib.sha256()
+    for pattern in patterns:
+        for path in sorted(root.glob(pattern)):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def log(msg: str) -> None:

@@ -11,7 +11,6 @@ accuracy-against-parameters figure.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import shutil
 import tempfile
@@ -23,10 +22,10 @@ import pandas as pd
 import torch
 
 from suite import compression_report, environment, paper, params, results, tracking
-from suite.stage import log, params_parser
+from suite.stage import code_digest, log, params_parser, scratch
 
 if TYPE_CHECKING:
-    from tasks.compression import DenseRuns
+    from tasks.compression import RunCache
 
 CURVE_COLUMNS = ("method", "seed", "lr", "epoch", "train_loss", "val_accuracy", "seconds")
 PROTOCOL_COLUMNS = ("stopped_by", "still_improving", "patience", "max_epochs", "lr_search")
@@ -40,38 +39,20 @@ def compress_params(path: str, profile: str | None):
     return params.load_stage(path, "compress", CompressParams, profile)
 
 
-TRAINING_CODE = ("kernels", "tasks/compression.py", "tasks/cifar10.py")
-"""What a training run's numbers depend on (besides data and params): the compress stage's
-code deps in dvc.yaml."""
+TRAINING_CODE = ("kernels/**/*.py", "tasks/compression.py", "tasks/cifar10.py")
+"""What a training run's numbers depend on besides data and params: the compress stage's code
+deps in dvc.yaml."""
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+def run_cache(prov: dict[str, Any]) -> RunCache:
+    """Finished runs kept under .suite-tmp/compress-runs (tasks.compression.RunCache), keyed by
+    their knobs, lr, seed, the data's checksum and the digest of TRAINING_CODE. Not a DVC dep:
+    a kept run stands for the run it keys (same records with or without it, tested); delete the
+    folder to train everything again."""
+    from tasks.compression import RunCache
 
-
-def code_digest(root: Path = REPO_ROOT) -> str:
-    """sha256 over the Python sources of TRAINING_CODE (paths and contents)."""
-    h = hashlib.sha256()
-    for entry in TRAINING_CODE:
-        base = root / entry
-        for path in sorted([base] if base.is_file() else base.rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-def dense_runs(method: str, out: Path, work: Path, prov: dict[str, Any]) -> DenseRuns:
-    """The dense method writes its runs into its output; a projected method reads them there.
-
-    dvc.yaml does not list outputs/compress/dense as a dep of the projected methods: a stored
-    run is used only when its key (knobs, lr, seed, data checksum, code digest) matches, so the
-    result is the same with or without it (tested), only faster."""
-    from tasks.compression import PROJECTED, DenseRuns
-
-    context = {"arrays_sha256": prov["arrays_sha256"], "code": code_digest()}
-    return DenseRuns(
-        read=out.parent / "dense" / "runs" if method in PROJECTED else None,
-        write=work / "runs" if method == "dense" else None,
-        context=context,
-    )
+    context = {"arrays_sha256": prov["arrays_sha256"], "code": code_digest(TRAINING_CODE)}
+    return RunCache(scratch() / "compress-runs", context)
 
 
 def _scratch(out: Path) -> Path:
@@ -135,8 +116,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             "compress", run_name, {"profile": profile, **asdict(p)}, tags
         ) as run:
             run.log_dataset(run.run_id, data)
-            dense = dense_runs(args.method, out, work, prov)
-            for rec in run_method(args.method, arrays, p, log, dense):
+            for rec in run_method(args.method, arrays, p, log, run_cache(prov)):
                 row = _row(
                     rec,
                     {

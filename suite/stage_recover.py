@@ -23,17 +23,11 @@ from typing import Any
 import pandas as pd
 
 from suite import environment, params, results, tracking
-from suite.stage import log, params_parser
+from suite.stage import code_digest, log, params_parser, scratch
 
 REPO = Path(__file__).resolve().parents[1]
 CODE = ("kernels/*.py", "kernels/cpu/*.py", "tasks/targets.py", "tasks/recovery/*.py")
 LEARNED = ("bp", "bpp", "bpbp")
-
-
-def _scratch() -> Path:
-    path = Path.cwd() / ".suite-tmp"
-    path.mkdir(exist_ok=True)
-    return path
 
 
 def recover_params(args: argparse.Namespace):
@@ -51,15 +45,6 @@ def params_path(given: str | None) -> Path:
     if here.is_file() or not (REPO / "params.yaml").is_file():
         return here
     return REPO / "params.yaml"
-
-
-def code_digest() -> str:
-    """sha256 of the code that computes a cell: a change there invalidates kept cells."""
-    h = hashlib.sha256()
-    for pattern in CODE:
-        for path in sorted(REPO.glob(pattern)):
-            h.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
 
 
 def _cell_key(p: Any, name: str, n: int, model: str, code: str) -> str:
@@ -125,10 +110,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
     table = out / f"{args.name}.csv"
     # the default run's factors are the recover stage's DVC output; a named run keeps its own
     factors_dir = Path(args.factors or f"outputs/recover/{_factors_folder(args.name)}")
-    kept = _scratch() / "recover-cells"
+    kept = scratch() / "recover-cells"
     kept.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="recover-", dir=_scratch()))
-    code = code_digest()
+    work = Path(tempfile.mkdtemp(prefix="recover-", dir=scratch()))
+    code = code_digest(CODE)
     uri = tracking.configure(Path.cwd())
     tags = environment.run_tags(fp, "recover", profile)
     run_name = f"{args.name}-{profile}{'-only' if args.only else ''}-{fp['commit'][:8]}"
@@ -211,7 +196,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         results.atomic_write_json(out / f"{args.name}_environment.json", fp)
         run.log_metrics({k: v for k, v in metrics.items() if k != "profile"})
         run.log_artifact(table)
-    stage = Path(tempfile.mkdtemp(prefix="factors-", dir=_scratch()))
+    stage = Path(tempfile.mkdtemp(prefix="factors-", dir=scratch()))
     for name, n, model in grid:
         for pt in (kept / f"{name}-{n}-{model}.pt", kept / f"{name}-{n}-discrete.pt"):
             if pt.is_file():
@@ -276,7 +261,7 @@ def _recover_matrix(args: argparse.Namespace) -> int:
         best = (value, "discrete", res.stack, info)
     work = None
     if learned and (best is None or best[0] > RECOVERED_RMSE):
-        work = Path(tempfile.mkdtemp(prefix="recover-", dir=_scratch()))
+        work = Path(tempfile.mkdtemp(prefix="recover-", dir=scratch()))
         with trial_pool(sp.workers) or contextlib.nullcontext() as pool:
             for model in models:
                 log(f"[recover] {args.matrix} n={n}: learned {model}")

@@ -16,6 +16,8 @@ A task takes params and a `log` callback and returns records; it never touches M
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import multiprocessing
 import statistics
@@ -23,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kernels.atomic import atomic_save
 from kernels.structured import METHODS, make_layer
 
 N_FEATURES = 1024
@@ -213,50 +216,70 @@ class Trained:
         return self.stopped_by in CAPS
 
 
-DENSE_RUN_KNOBS = ("n_train", "n_test", "val_fraction", "split_seed", "batch_size", "max_epochs",
-                   "patience", "min_delta", "max_seconds", "threads")  # fmt: skip
-"""The knobs a dense training run depends on besides its lr and seed."""
+RUN_KNOBS = ("n_train", "n_test", "val_fraction", "split_seed", "batch_size", "max_epochs",
+             "patience", "min_delta", "max_seconds", "threads")  # fmt: skip
+"""The knobs a training run depends on besides its method, lr and seed (a projected method's
+also on `finetune_epochs`)."""
 
 
 @dataclass(frozen=True)
-class DenseRuns:
-    """Finished dense training runs, one file per (lr, seed) in a folder.
+class RunCache:
+    """Finished training runs kept in `folder`, one file per (method, lr, seed) and key.
 
-    The dense method writes every run it trains (lr candidates and seeds) to `write`; the dense
-    phase of a projected method is the same run (same net, data split, seed, lr and stopping
-    rule), so it loads the file from `read` instead of training again, when the file's key
-    (the DENSE_RUN_KNOBS, lr, seed and `context`: data checksum, code digest) matches its own.
+    A run is a function of its method, lr, seed, the RUN_KNOBS, the data and the code (the
+    `context`: data checksum and code digest), so a kept run whose key matches stands for it:
+    a killed stage resumes where it stopped, a wider lr grid trains only its new candidates, and
+    the dense phase of a projected method is the dense method's run (same net, data split,
+    seed, lr and stopping rule). folder None: nothing is kept.
     """
 
-    read: Path | None = None
-    write: Path | None = None
+    folder: Path | None = None
     context: dict[str, Any] = field(default_factory=dict)
 
-    def key(self, p: CompressParams, lr: float, seed: int) -> dict[str, Any]:
-        return {**{k: getattr(p, k) for k in DENSE_RUN_KNOBS}, **self.context, "lr": lr,
-                "seed": seed}  # fmt: skip
+    def key(self, method: str, p: CompressParams, lr: float, seed: int) -> dict[str, Any]:
+        knobs = {k: getattr(p, k) for k in RUN_KNOBS}
+        if method in PROJECTED:
+            knobs["finetune_epochs"] = p.finetune_epochs
+        return {**knobs, **self.context, "method": method, "lr": lr, "seed": seed}
 
-    @staticmethod
-    def name(lr: float, seed: int) -> str:
-        return f"lr{lr:g}-seed{seed}.pt"
+    def _path(self, key: dict[str, Any]) -> Path:
+        assert self.folder is not None
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return self.folder / key["method"] / f"lr{key['lr']:g}-seed{key['seed']}-{digest}.pt"
 
-    def load(self, p: CompressParams, lr: float, seed: int) -> Trained | None:
-        """The stored run of (lr, seed), or None when absent or trained under another key."""
-        path = None if self.read is None else self.read / self.name(lr, seed)
-        if path is None or not path.is_file():
+    def load(
+        self, method: str, p: CompressParams, lr: float, seed: int
+    ) -> tuple[Trained, float | None] | None:
+        """(the run, its projected val accuracy or None) if kept under this key, else None."""
+        if self.folder is None:
+            return None
+        key = self.key(method, p, lr, seed)
+        path = self._path(key)
+        if not path.is_file():
             return None
         blob = torch.load(path, weights_only=True)
-        if blob.get("key") != self.key(p, lr, seed):
+        if blob.get("key") != key:
             return None
-        return Trained(**blob["trained"])
+        pre = None if blob["pre"] is None else Trained(**blob["pre"])
+        return Trained(**blob["trained"], pre=pre), blob["projected"]
 
-    def save(self, p: CompressParams, lr: float, seed: int, t: Trained) -> None:
-        if self.write is None:
+    def save(
+        self, method: str, p: CompressParams, lr: float, seed: int, t: Trained,
+        projected: float | None = None,
+    ) -> None:  # fmt: skip
+        """Keep a finished run (kernels.atomic: never half a file)."""
+        if self.folder is None:
             return
-        self.write.mkdir(parents=True, exist_ok=True)
-        trained = {k: v for k, v in asdict(t).items() if k != "pre"}
-        torch.save({"key": self.key(p, lr, seed), "trained": trained},
-                   self.write / self.name(lr, seed))  # fmt: skip
+        key = self.key(method, p, lr, seed)
+        path = self._path(key)
+        fields = [f for f in Trained.__dataclass_fields__ if f != "pre"]
+        blob = {
+            "key": key,
+            "trained": {f: getattr(t, f) for f in fields},
+            "pre": None if t.pre is None else {f: getattr(t.pre, f) for f in fields},
+            "projected": projected,
+        }
+        atomic_save(path, lambda tmp: torch.save(blob, tmp))
 
 
 def _stop_reason(
@@ -380,7 +403,7 @@ def _fit(
 
     Returns (net, trained, projected val accuracy or None); for a projected method
     trained.pre holds the dense phase (its curve comes first in trained.curve). `pre`: that
-    dense phase, already trained by the dense method (DenseRuns), instead of training it here.
+    dense phase, already trained by the dense method (RunCache), instead of training it here.
     """
     label = f"{method} seed={seed} lr={lr:g}"
     if method not in PROJECTED:
@@ -445,19 +468,44 @@ def _worker_fit(method: str, lr: float, seed: int, p: CompressParams, pre: Train
 
 
 def _fit_jobs(
-    method: str, f: Features, jobs: list[Job], p: CompressParams, log: Log, dense: DenseRuns
+    method: str, f: Features, jobs: list[Job], p: CompressParams, log: Log, kept: RunCache
 ) -> dict[Job, Fitted]:
     """_fit for every (lr, seed) job: in this process, or `workers` spawned processes at once.
 
-    Runs are independent and seeded, so the result does not depend on `workers`. A projected
-    method's dense phases come from `dense` where stored; the dense method stores its runs there.
+    Runs are independent and seeded, so the result does not depend on `workers`. A job kept in
+    `kept` is not trained again; a projected method's dense phase comes from the dense method's
+    kept run where there is one. Every run trained here (and its dense phase) is kept.
     """
-    pre = {job: dense.load(p, *job) if method in PROJECTED else None for job in jobs}
-    runs = _fit_all(method, f, jobs, p, log, pre)
-    if method == "dense":
-        for job, (_, trained, _) in runs.items():
-            dense.save(p, *job, trained)
+    runs: dict[Job, Fitted] = {}
+    for job in jobs:
+        hit = kept.load(method, p, *job)
+        if hit is not None:
+            trained, projected = hit
+            runs[job] = (_kept_net(method, job[1], trained.state), trained, projected)
+            log(f"[compress] {method} seed={job[1]} lr={job[0]:g}: kept run reused "
+                f"(val {trained.val_accuracy:.2f}%)")  # fmt: skip
+    todo = [job for job in jobs if job not in runs]
+    pre = {}
+    for job in todo:
+        dense = kept.load("dense", p, *job) if method in PROJECTED else None
+        pre[job] = None if dense is None else dense[0]
+    for job, fitted in _fit_all(method, f, todo, p, log, pre).items():
+        _, trained, projected = fitted
+        kept.save(method, p, *job, trained, projected)
+        if trained.pre is not None and pre[job] is None:
+            kept.save("dense", p, *job, trained.pre)
+        runs[job] = fitted
     return runs
+
+
+def _kept_net(method: str, seed: int, state: dict[str, torch.Tensor]) -> HiddenNet:
+    """The net of a kept run: its method's layer with the run's best-validation state."""
+    if method in PROJECTED:
+        net = HiddenNet(make_layer(PROJECTED[method], N_FEATURES))
+    else:
+        net = _fresh_net(method, seed)
+    net.load_state_dict(state)
+    return net
 
 
 def _fit_all(
@@ -486,26 +534,26 @@ def run_method(
     arrays: dict[str, np.ndarray],
     p: CompressParams,
     log: Log,
-    dense: DenseRuns | None = None,
+    kept: RunCache | None = None,
 ) -> list[dict[str, Any]]:
     """Train `method` for every seed (after an lr search on validation if several lrs).
 
     The lr candidates train at once (`workers` processes), then the other seeds at the chosen
     lr. Returns one record per seed: accuracies, parameter counts, stop reason and cap flags,
     latency, learning curve, the best-validation state dict ("state") and the net ("net").
-    `dense`: where the dense method stores its runs and a projected method finds its dense phase.
+    `kept`: where finished runs are kept and looked up (RunCache; None: nothing is kept).
     """
-    dense = dense or DenseRuns()
+    kept = kept or RunCache()
     torch.set_num_threads(p.threads)
     f = make_features(arrays, p)
     log(f"[compress] {method}: features {f.counts()}")
     first, lrs = p.seeds[0], p.lrs_for(method)
-    runs = _fit_jobs(method, f, [(lr, first) for lr in lrs], p, log, dense)
+    runs = _fit_jobs(method, f, [(lr, first) for lr in lrs], p, log, kept)
     lr = max(lrs, key=lambda r: (runs[(r, first)][1].val_accuracy, -r))
     search = " ".join(f"{r:g}:{runs[(r, first)][1].val_accuracy:.2f}" for r in lrs)
     if len(lrs) > 1:
         log(f"[compress] {method}: lr search (val %) {search} -> {lr:g}")
-    runs.update(_fit_jobs(method, f, [(lr, s) for s in p.seeds if s != first], p, log, dense))
+    runs.update(_fit_jobs(method, f, [(lr, s) for s in p.seeds if s != first], p, log, kept))
     records = []
     for seed in p.seeds:
         net, trained, projected = runs[(lr, seed)]

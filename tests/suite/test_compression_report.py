@@ -93,6 +93,22 @@ def test_capped_or_still_improving_rows_make_the_verdict_provisional(
     assert "exceeded" not in h["gap_verdict"] and "reproduced" not in h["gap_verdict"]
 
 
+def test_an_lr_at_the_edge_of_its_grid_is_marked_and_keeps_the_claim_provisional() -> None:
+    grid = "0.0003:44.00 0.001:45.00 0.003:43.00"
+    assert cr.lr_edge(1e-3, grid) == "" and cr.lr_edge(1e-3, "0.001:45.00") == ""
+    assert cr.lr_edge(3e-4, grid) == "lowest" and cr.lr_edge(3e-3, grid) == "highest"
+    interior = {m: {"lr_search": grid} for m in FINAL}
+    assert cr.headline(_rows(FINAL, **interior))["provisional_reasons"] == []
+    low = {**interior, "dense": {"lr": 3e-4, "lr_search": grid}}
+    h = cr.headline(_rows(FINAL, **low))
+    assert h["provisional_reasons"] == ["dense's lr 0.0003 is the lowest of its search grid"]
+    assert "| 0.0003 (0.0003:44.00 0.001:45.00 0.003:43.00) ↓ |" in cr.markdown(_rows(FINAL, **low))
+    other = {**interior, "bpbp_real": {"lr": 3e-3, "lr_search": grid}}  # not the claim's rows
+    assert cr.headline(_rows(FINAL, **other))["provisional_reasons"] == []
+    top = {**interior, "bp_real": {"lr": 3e-3, "lr_search": grid}}
+    assert "bp_real's lr 0.003 is the highest" in cr.headline(_rows(FINAL, **top))["gap_verdict"]
+
+
 def test_rows_from_before_the_protocol_are_provisional() -> None:
     old = _rows(FINAL).drop(columns=["stopped_by", "still_improving", "lr_search"])
     h = cr.headline(old)

@@ -13,8 +13,8 @@ import torch
 
 from tasks.compression import (
     CompressParams,
-    DenseRuns,
     HiddenNet,
+    RunCache,
     accuracy,
     grayscale,
     make_features,
@@ -197,36 +197,73 @@ def test_run_method_records(method: str) -> None:
         assert rec["stopped_by"] == "epoch_cap" and rec["max_epochs"] == 2
 
 
+def _same_records(a: list[dict], b: list[dict]) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert (x["lr"], x["lr_search"], x["epochs"]) == (y["lr"], y["lr_search"], y["epochs"])
+        assert (x["test_accuracy"], x["val_accuracy"]) == (y["test_accuracy"], y["val_accuracy"])
+        assert x["projected_val_accuracy"] == y["projected_val_accuracy"] or (
+            math.isnan(x["projected_val_accuracy"]) and math.isnan(y["projected_val_accuracy"])
+        )
+        drop = [{k: v for k, v in c.items() if k != "seconds"} for c in x["curve"]]
+        assert drop == [{k: v for k, v in c.items() if k != "seconds"} for c in y["curve"]]
+        assert x["stopped_by"] == y["stopped_by"]
+        assert all(torch.equal(x["state"][k], y["state"][k]) for k in x["state"])
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_projected_method_reuses_the_dense_runs(tmp_path, capfd, workers: int) -> None:
-    """The dense method stores each run; dense_to_monarch loads its dense phase from there and
+    """The dense method keeps each run; dense_to_monarch takes its dense phase from there and
     ends with the records of a run that trained the dense phase itself."""
     arrays = _arrays(per_class=12, test_per_class=4)
     kw = dict(lrs=[1e-3, 3e-3], seeds=[0, 1], max_epochs=2, finetune_epochs=1, workers=workers)
     p = _params(methods=["dense", "dense_to_monarch"], **kw)
-    ctx = {"arrays_sha256": "a", "code": "c"}
-    dense = run_method("dense", arrays, p, lambda _: None, DenseRuns(write=tmp_path, context=ctx))
-    stored = {x.name for x in tmp_path.iterdir()}
-    assert stored == {"lr0.001-seed0.pt", "lr0.003-seed0.pt", f"lr{dense[1]['lr']:g}-seed1.pt"}
+    kept = RunCache(tmp_path, {"arrays_sha256": "a", "code": "c"})
+    dense = run_method("dense", arrays, p, lambda _: None, kept)
+    stored = {x.name.split("-")[0] + "-" + x.name.split("-")[1] for x in tmp_path.glob("dense/*")}
+    assert stored == {"lr0.001-seed0", "lr0.003-seed0", f"lr{dense[1]['lr']:g}-seed1"}
     fresh = run_method("dense_to_monarch", arrays, p, lambda _: None)
     said: list[str] = []
     capfd.readouterr()
-    reused = run_method("dense_to_monarch", arrays, p, said.append,
-                        DenseRuns(read=tmp_path, context=ctx))  # fmt: skip
+    reused = run_method("dense_to_monarch", arrays, p, said.append, kept)
     said += capfd.readouterr().err.splitlines()  # what the worker processes logged
     assert not any("(dense phase) epoch" in m for m in said)
-    same_lr = reused[1]["lr"] == dense[1]["lr"]  # seed 1 is stored at dense's chosen lr only
+    same_lr = reused[1]["lr"] == dense[1]["lr"]  # seed 1 is kept at dense's chosen lr only
     assert sum("dense phase reused" in m for m in said) == 2 + same_lr
-    for a, b in zip(fresh, reused, strict=True):
-        assert (a["lr"], a["lr_search"], a["epochs"]) == (b["lr"], b["lr_search"], b["epochs"])
-        assert (a["test_accuracy"], a["projected_val_accuracy"]) == (
-            b["test_accuracy"], b["projected_val_accuracy"])  # fmt: skip
-        assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
-    other = DenseRuns(read=tmp_path, context={**ctx, "code": "changed"})
+    _same_records(fresh, reused)
+    other = RunCache(tmp_path, {"arrays_sha256": "a", "code": "changed"})
     said.clear()
-    run_method("dense_to_monarch", arrays, _params(methods=["dense_to_monarch"], lrs=[1e-3],
-               max_epochs=2, finetune_epochs=1), said.append, other)  # fmt: skip
+    one = _params(methods=["dense_to_monarch"], lrs=[1e-3], max_epochs=2, finetune_epochs=1)
+    run_method("dense_to_monarch", arrays, one, said.append, other)
     assert any("(dense phase) epoch" in m for m in said)  # another key: trained again
+
+
+def test_kept_runs_resume_and_a_wider_grid_trains_only_its_new_candidates(tmp_path) -> None:
+    arrays = _arrays(per_class=12, test_per_class=4)
+    kw = dict(methods=["bp_real_learned"], seeds=[0, 1], max_epochs=2, patience=2)
+    kept = RunCache(tmp_path, {"arrays_sha256": "a", "code": "c"})
+    said: list[str] = []
+    first = run_method("bp_real_learned", arrays, _params(lrs=[1e-3, 3e-3], **kw), said.append,
+                       kept)  # fmt: skip
+    assert sum(" epoch 1:" in m for m in said) == 3 and not any("kept run" in m for m in said)
+    said.clear()
+    again = run_method("bp_real_learned", arrays, _params(lrs=[1e-3, 3e-3], **kw), said.append,
+                       kept)  # fmt: skip
+    assert not any(" epoch " in m for m in said)  # nothing trained: every run was kept
+    _same_records(first, again)
+    assert again[0]["net"].hidden.learned  # a usable net of the method, with its state
+    f = make_features(arrays, _params(**kw))
+    assert all(accuracy(r["net"], f.x_test, f.y_test) == r["test_accuracy"] for r in again)
+    said.clear()
+    wider = run_method("bp_real_learned", arrays, _params(lrs=[1e-3, 3e-3, 1e-2], **kw),
+                       said.append, kept)  # fmt: skip
+    trained = {m.split(" epoch")[0] for m in said if " epoch 1:" in m}
+    assert trained <= {"[compress] bp_real_learned seed=0 lr=0.01",
+                       f"[compress] bp_real_learned seed=1 lr={wider[1]['lr']:g}"}  # fmt: skip
+    assert "[compress] bp_real_learned seed=0 lr=0.01" in trained
+    longer = run_method(
+        "bp_real_learned", arrays, _params(lrs=[1e-3], **{**kw, "max_epochs": 3}), said.append, kept
+    )  # another knob: another key
+    assert longer[0]["epochs"] == 3
 
 
 @pytest.mark.parametrize("method", ["bp_complex", "dense_to_butterfly"])
