@@ -64,6 +64,7 @@ class CompressParams:
     max_seconds: float | None = None  # runaway guard per training run (checked each epoch)
     threads: int = 2  # torch threads of each training process
     workers: int = 1  # training runs of one method at once, each in its own process
+    lr_extend: int = 0  # candidates the lr search may add beyond an edge of its grid (next_lr)
     latency_threads: int = 1
     latency_repeats: int = 50
 
@@ -81,6 +82,8 @@ class CompressParams:
             raise ValueError(f"min_delta must be >= 0, got {self.min_delta}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.lr_extend < 0:
+            raise ValueError(f"lr_extend must be >= 0, got {self.lr_extend}")
         for name in (
             "batch_size",
             "max_epochs",
@@ -529,6 +532,27 @@ def _fit_all(
         return {job: fut.result() for job, fut in futures.items()}
 
 
+def next_lr(lrs: list[float], best: float) -> float | None:
+    """The candidate beyond the edge where `best` sits, None if it is inside (or one lr only).
+
+    The grid's step pattern goes on (the ratio of the step before the edge step), so a 1-3-10
+    grid stays one: [3e-4, 1e-3, 3e-3, 1e-2] goes on with 3e-2 (best 1e-2) or 1e-4 (best 3e-4).
+    """
+    grid = sorted(lrs)
+    if len(grid) < 2 or grid[0] < best < grid[-1]:
+        return None
+    if best == grid[-1]:
+        new = grid[-1] * (grid[-2] / grid[-3] if len(grid) > 2 else grid[-1] / grid[-2])
+    else:
+        new = grid[0] / (grid[2] / grid[1] if len(grid) > 2 else grid[1] / grid[0])
+    return float(f"{new:.3g}")
+
+
+def _best_lr(lrs: list[float], runs: dict[Job, Fitted], seed: int) -> float:
+    """The lr of the best validation accuracy with `seed` (ties: the smaller lr)."""
+    return max(lrs, key=lambda r: (runs[(r, seed)][1].val_accuracy, -r))
+
+
 def run_method(
     method: str,
     arrays: dict[str, np.ndarray],
@@ -538,18 +562,27 @@ def run_method(
 ) -> list[dict[str, Any]]:
     """Train `method` for every seed (after an lr search on validation if several lrs).
 
-    The lr candidates train at once (`workers` processes), then the other seeds at the chosen
-    lr. Returns one record per seed: accuracies, parameter counts, stop reason and cap flags,
-    latency, learning curve, the best-validation state dict ("state") and the net ("net").
+    The lr candidates train at once (`workers` processes); while the best sits at an edge of the
+    grid, up to `lr_extend` more candidates train beyond it (next_lr); then the other seeds at
+    the chosen lr. Returns one record per seed: accuracies, parameter counts, stop reason and
+    cap flags, latency, learning curve, the best-validation state dict ("state") and the net
+    ("net").
     `kept`: where finished runs are kept and looked up (RunCache; None: nothing is kept).
     """
     kept = kept or RunCache()
     torch.set_num_threads(p.threads)
     f = make_features(arrays, p)
     log(f"[compress] {method}: features {f.counts()}")
-    first, lrs = p.seeds[0], p.lrs_for(method)
+    first, lrs = p.seeds[0], sorted(p.lrs_for(method))
     runs = _fit_jobs(method, f, [(lr, first) for lr in lrs], p, log, kept)
-    lr = max(lrs, key=lambda r: (runs[(r, first)][1].val_accuracy, -r))
+    for _ in range(p.lr_extend):  # the best at an edge: one more candidate beyond it
+        new = next_lr(lrs, _best_lr(lrs, runs, first))
+        if new is None:
+            break
+        log(f"[compress] {method}: lr {_best_lr(lrs, runs, first):g} is at an edge: trying {new:g}")
+        runs.update(_fit_jobs(method, f, [(new, first)], p, log, kept))
+        lrs = sorted([*lrs, new])
+    lr = _best_lr(lrs, runs, first)
     search = " ".join(f"{r:g}:{runs[(r, first)][1].val_accuracy:.2f}" for r in lrs)
     if len(lrs) > 1:
         log(f"[compress] {method}: lr search (val %) {search} -> {lr:g}")

@@ -18,6 +18,7 @@ from tasks.compression import (
     accuracy,
     grayscale,
     make_features,
+    next_lr,
     run_method,
     still_improving,
     train,
@@ -175,6 +176,29 @@ def test_per_method_lr_search_picks_on_validation() -> None:
     assert rec["stopped_by"] == "epoch_cap" and rec["budget_capped"] and rec["still_improving"]
     f = make_features(_arrays(), p)
     assert accuracy(rec["net"], f.x_test, f.y_test) == rec["test_accuracy"]  # the returned net
+
+
+def test_next_lr_goes_on_past_the_edge_in_the_grid_pattern() -> None:
+    grid = [3e-4, 1e-3, 3e-3, 1e-2]
+    assert next_lr(grid, 1e-2) == 3e-2 and next_lr([*grid, 3e-2], 3e-2) == 0.1
+    assert next_lr(grid, 3e-4) == 1e-4 and next_lr([1e-4, *grid], 1e-4) == 3e-5
+    assert next_lr(grid, 1e-3) is None and next_lr(grid, 3e-3) is None
+    assert next_lr([1e-3], 1e-3) is None
+    assert next_lr([1e-3, 2e-3], 2e-3) == 4e-3 and next_lr([1e-3, 2e-3], 1e-3) == 5e-4
+
+
+def test_lr_search_extends_past_an_edge_until_the_best_is_inside() -> None:
+    """Tiny lrs barely train: the best sits at the top edge, so the search adds candidates
+    (at most lr_extend) until one beyond it is worse."""
+    p = _params(lrs=[1e-7, 1e-6], lr_extend=3, max_epochs=3, patience=3)
+    said: list[str] = []
+    (rec,) = run_method("dense", _arrays(), p, said.append)
+    tried = [float(x.split(":")[0]) for x in rec["lr_search"].split()]
+    assert tried[:3] == [1e-7, 1e-6, 1e-5] and tried == sorted(tried) and len(tried) <= 5
+    assert sum("is at an edge: trying" in m for m in said) == len(tried) - 2
+    assert rec["lr_candidates"] == tried and rec["lr"] in tried
+    (none,) = run_method("dense", _arrays(), _params(lrs=[1e-7, 1e-6], max_epochs=1), print)
+    assert none["lr_candidates"] == [1e-7, 1e-6]  # lr_extend 0: the grid as given
 
 
 @pytest.mark.parametrize("method", ["bp_real", "dense_to_monarch"])
