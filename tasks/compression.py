@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -492,12 +492,15 @@ def _fit_jobs(
     for job in todo:
         dense = kept.load("dense", p, *job) if method in PROJECTED else None
         pre[job] = None if dense is None else dense[0]
-    for job, fitted in _fit_all(method, f, todo, p, log, pre).items():
+
+    def keep(job: Job, fitted: Fitted) -> None:  # as each run ends: a kill loses only the running
         _, trained, projected = fitted
         kept.save(method, p, *job, trained, projected)
         if trained.pre is not None and pre[job] is None:
             kept.save("dense", p, *job, trained.pre)
         runs[job] = fitted
+
+    _fit_all(method, f, todo, p, log, pre, keep)
     return runs
 
 
@@ -518,9 +521,13 @@ def _fit_all(
     p: CompressParams,
     log: Log,
     pre: dict[Job, Trained | None],
-) -> dict[Job, Fitted]:
+    done: Callable[[Job, Fitted], None],
+) -> None:
+    """Train every job, calling done(job, fitted) as each one ends."""
     if p.workers == 1 or len(jobs) <= 1:
-        return {job: _fit(method, f, *job, p, log, pre[job]) for job in jobs}
+        for job in jobs:
+            done(job, _fit(method, f, *job, p, log, pre[job]))
+        return
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     with ProcessPoolExecutor(
         min(p.workers, len(jobs)),
@@ -528,8 +535,9 @@ def _fit_all(
         initializer=_worker_init,
         initargs=(f, p.threads),
     ) as pool:
-        futures = {job: pool.submit(_worker_fit, method, *job, p, pre[job]) for job in jobs}
-        return {job: fut.result() for job, fut in futures.items()}
+        futures = {pool.submit(_worker_fit, method, *job, p, pre[job]): job for job in jobs}
+        for fut in as_completed(futures):
+            done(futures[fut], fut.result())
 
 
 def next_lr(lrs: list[float], best: float) -> float | None:

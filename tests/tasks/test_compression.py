@@ -178,6 +178,25 @@ def test_per_method_lr_search_picks_on_validation() -> None:
     assert accuracy(rec["net"], f.x_test, f.y_test) == rec["test_accuracy"]  # the returned net
 
 
+def test_a_stage_killed_half_way_keeps_the_runs_it_finished(tmp_path) -> None:
+    arrays = _arrays(per_class=12, test_per_class=4)
+    p = _params(lrs=[1e-3, 3e-3], max_epochs=2)
+    kept = RunCache(tmp_path, {"arrays_sha256": "a", "code": "c"})
+
+    def killed_at_the_second_run(msg: str) -> None:
+        if "lr=0.003 epoch 1:" in msg:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_method("dense", arrays, p, killed_at_the_second_run, kept)
+    assert [x.name.split("-")[0] for x in tmp_path.glob("dense/*.pt")] == ["lr0.001"]
+    assert not list(tmp_path.glob("dense/.*"))  # no half-written file
+    said: list[str] = []
+    run_method("dense", arrays, p, said.append, kept)
+    assert any("seed=0 lr=0.001: kept run reused" in m for m in said)
+    assert not any("lr=0.001 epoch" in m for m in said) and any("lr=0.003 epoch" in m for m in said)
+
+
 def test_next_lr_goes_on_past_the_edge_in_the_grid_pattern() -> None:
     grid = [3e-4, 1e-3, 3e-3, 1e-2]
     assert next_lr(grid, 1e-2) == 3e-2 and next_lr([*grid, 3e-2], 3e-2) == 0.1
