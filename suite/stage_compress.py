@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from kernels.atomic import clean_stale, sibling
 from suite import compression_report, environment, paper, params, results, tracking
 from suite.stage import code_digest, log, params_parser, scratch
 
@@ -53,11 +53,6 @@ def run_cache(prov: dict[str, Any]) -> RunCache:
 
     context = {"arrays_sha256": prov["arrays_sha256"], "code": code_digest(TRAINING_CODE)}
     return RunCache(scratch() / "compress-runs", context)
-
-
-def _scratch(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
 
 
 def _row(rec: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -97,7 +92,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     arrays, prov = cifar10.load(Path(args.data))
     fp = environment.fingerprint()
     out = Path(args.out or f"outputs/compress/{args.method}")
-    work = _scratch(out)
+    clean_stale(out)  # the work folders of killed runs
+    work = sibling(out, "tmp")
     uri = tracking.configure(Path.cwd())
     tags = environment.run_tags(
         fp,

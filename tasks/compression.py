@@ -315,7 +315,9 @@ def train(
     `epochs` is the runaway cap; see _stop_reason for the order of the stopping rules.
     """
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    # fused: one kernel per step instead of a dozen passes over each parameter (the same
+    # update up to rounding; a 1024 x 1024 dense layer's step 0.6 ms instead of 6.4 ms)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, fused=True)
     loss_fn = nn.CrossEntropyLoss()
     best = Trained(copy.deepcopy(net.state_dict()), accuracy(net, f.x_val, f.y_val), 0, 0, 0.0)
     t0 = time.perf_counter()
@@ -478,10 +480,12 @@ class _Progress:
     planned: int
     log: Log
     done: int = 0
+    reused: int = 0  # of `done`: kept runs (RunCache), not trained here
     t0: float = field(default_factory=time.perf_counter)
 
-    def step(self) -> None:
+    def step(self, reused: bool = False) -> None:
         self.done += 1
+        self.reused += reused
         spent = time.perf_counter() - self.t0
         left = spent / self.done * max(0, self.planned - self.done)
         self.log(f"[compress] {self.method}: {self.done} of {self.planned} runs done, "
@@ -511,7 +515,7 @@ def _fit_jobs(
             runs[job] = (_kept_net(method, job[1], trained.state), trained, projected)
             log(f"[compress] {method} seed={job[1]} lr={job[0]:g}: kept run reused "
                 f"(val {trained.val_accuracy:.2f}%)")  # fmt: skip
-            progress.step()
+            progress.step(reused=True)
     todo = [job for job in jobs if job not in runs]
     pre = {}
     for job in todo:
@@ -600,7 +604,8 @@ def run_method(
     grid, up to `lr_extend` more candidates train beyond it (next_lr); then the other seeds at
     the chosen lr. Returns one record per seed: accuracies, parameter counts, stop reason and
     cap flags, latency, learning curve, the best-validation state dict ("state") and the net
-    ("net").
+    ("net"), and the cost of the whole call: stage_seconds (wall time), stage_runs and
+    stage_runs_reused (taken from `kept`, not trained again).
     `kept`: where finished runs are kept and looked up (RunCache; None: nothing is kept).
     """
     kept = kept or RunCache()
@@ -657,4 +662,9 @@ def run_method(
             f"stopped by {record['stopped_by']}{flag}"
         )
         records.append(record)
-    return records
+    stage = {  # the method's whole cost: search, seeds and latency (kept runs cost ~nothing)
+        "stage_seconds": time.perf_counter() - progress.t0,
+        "stage_runs": progress.done,
+        "stage_runs_reused": progress.reused,
+    }
+    return [{**r, **stage} for r in records]

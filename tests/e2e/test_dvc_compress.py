@@ -135,6 +135,11 @@ def test_dvc_repro_compress_smoke(tmp_path: Path) -> None:
     assert f"Measured (profile {best};" in md and "Profile `smoke`" in md
     assert headline(df)["gap_verdict"].startswith("provisional (")
     assert (repo / "outputs" / "compress" / "bp_real" / "seed0.pt").is_file()
+    assert not list((repo / "outputs" / "compress").glob(".*"))  # no work folder left
+    # each method's stage cost: one value for its rows, summed per profile in the report
+    assert (df.stage_runs == 1).all() and (df.stage_seconds > 0).all()
+    assert (df.stage_runs_reused == 0).all()  # no kept run of this smoke profile yet
+    assert f"Stage wall time: {df.stage_seconds.sum() / 60:.1f} min over 6 method(s)" in md
     status = _run([str(bindir / "dvc"), "status", "--with-deps", "compress-report"], repo, env)
     assert "up to date" in status.stdout, status.stdout
 

@@ -291,11 +291,14 @@ def test_kept_runs_resume_and_a_wider_grid_trains_only_its_new_candidates(tmp_pa
     first = run_method("bp_real_learned", arrays, _params(lrs=[1e-3, 3e-3], **kw), said.append,
                        kept)  # fmt: skip
     assert sum(" epoch 1:" in m for m in said) == 3 and not any("kept run" in m for m in said)
+    assert (first[0]["stage_runs"], first[0]["stage_runs_reused"]) == (3, 0)
     said.clear()
     again = run_method("bp_real_learned", arrays, _params(lrs=[1e-3, 3e-3], **kw), said.append,
                        kept)  # fmt: skip
     assert not any(" epoch " in m for m in said)  # nothing trained: every run was kept
     _same_records(first, again)
+    assert all((r["stage_runs"], r["stage_runs_reused"]) == (3, 3) for r in again)
+    assert 0 < again[0]["stage_seconds"] == again[1]["stage_seconds"]
     assert again[0]["net"].hidden.learned  # a usable net of the method, with its state
     f = make_features(arrays, _params(**kw))
     assert all(accuracy(r["net"], f.x_test, f.y_test) == r["test_accuracy"] for r in again)
