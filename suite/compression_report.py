@@ -433,6 +433,16 @@ def profile_table(df: pd.DataFrame) -> list[str]:
     ]
 
 
+def train_time(manifest: dict[str, Any]) -> str:
+    """The compress-train line: the wall time of all the profile's training runs in its pool."""
+    return (
+        f"Training (`suite compress-train`, profile {manifest['profile']}): "
+        f"{manifest['wall_seconds'] / 60:.1f} min wall for {manifest['runs']} runs of "
+        f"{len(manifest['methods'])} methods on {manifest['workers']} worker(s) "
+        f"({manifest['runs_reused']} kept runs reused), {manifest['device']}."
+    )
+
+
 def stage_time(df: pd.DataFrame) -> str:
     """The wall time of one profile's compress stages (column stage_seconds, one value per
     method), the runs they trained and those taken from kept runs (which cost ~nothing)."""

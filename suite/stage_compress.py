@@ -1,4 +1,8 @@
-"""`suite compress --method M` (one DVC stage per method) and `suite compress-report`.
+"""`suite compress-train`, `suite compress --method M` (one DVC stage per method) and
+`suite compress-report`.
+
+compress-train: every method's training runs in one pool of `workers` processes (kept runs,
+tasks.compression.train_all) -> outputs/compress-train.json (chosen lrs, wall time, runs).
 
 compress: params + outputs/cifar10 -> outputs/compress/<method>/ (rows.csv, curves.csv,
 seed<k>.pt, environment.json), written whole or not at all; an MLflow parent run per call with
@@ -11,6 +15,7 @@ accuracy-against-parameters figure.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 from dataclasses import asdict
@@ -78,6 +83,28 @@ def _metrics(row: dict[str, Any]) -> dict[str, float]:
         for k, v in row.items()
         if isinstance(v, int | float) and k not in ("seed", "run_id") and math.isfinite(float(v))
     }
+
+
+def cmd_compress_train(args: argparse.Namespace) -> int:
+    """Every method's training runs in one pool of `workers` processes, kept for the
+    compress@<method> stages (tasks.compression.train_all); writes a small manifest."""
+    from tasks import cifar10
+    from tasks.compression import train_all
+
+    profile, p = compress_params(args.params, args.profile)
+    arrays, prov = cifar10.load(Path(args.data))
+    kept = run_cache(prov)
+    log(f"[compress-train] profile={profile}: {len(p.methods)} methods -> {kept.folder}")
+    summary = train_all(arrays, p, log, kept)
+    fp = environment.fingerprint()
+    manifest = {"profile": profile, "methods": p.methods, **summary, **kept.context,
+                "device": fp["device"], "commit": fp["commit"], "env_id": fp["env_id"]}  # fmt: skip
+    results.atomic_write_json(Path(args.out), manifest)
+    log(
+        f"[compress-train] {summary['runs']} runs ({summary['runs_reused']} kept) in "
+        f"{summary['wall_seconds'] / 60:.1f} min on {p.workers} worker(s) -> {args.out}"
+    )
+    return 0
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -239,6 +266,14 @@ def keep_other_profiles(new: pd.DataFrame, path: Path, required: tuple[str, ...]
     return pd.concat([others, new], ignore_index=True) if len(others) else new
 
 
+def _train_manifest(path: Path, profile: str) -> dict[str, Any] | None:
+    """compress-train's manifest if it describes this profile's run, else None."""
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    return manifest if manifest.get("profile") == profile else None
+
+
 def cmd_compress_report(args: argparse.Namespace) -> int:
     if args.figure_only:  # a figure edit: redraw from the committed table, no runs needed
         df = results.read_table(Path(args.table), results.COMPRESSION_COLUMNS)
@@ -257,8 +292,14 @@ def cmd_compress_report(args: argparse.Namespace) -> int:
     results.write_table(df, Path(args.table), results.COMPRESSION_COLUMNS)
     results.write_table(curves, Path(args.curves), (*CURVE_COLUMNS, "profile"))
     compression_report.figure(df, Path(args.figure))
-    results.atomic_write_text(Path(args.summary), compression_report.markdown(df, partial))
+    text = compression_report.markdown(df, partial)
+    trained = _train_manifest(Path(args.train_manifest), profile)
+    if trained:
+        text += "\n" + compression_report.train_time(trained) + "\n"
+    results.atomic_write_text(Path(args.summary), text)
     metrics = compression_report.headline(df, partial)
+    if trained:
+        metrics["train_wall_minutes"] = round(trained["wall_seconds"] / 60, 2)
     results.atomic_write_json(Path(args.metrics), {"profile": profile, **metrics})
     uri = tracking.configure(Path.cwd())
     fp = environment.fingerprint()
@@ -284,12 +325,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     com.add_argument("--data", default="outputs/cifar10")
     com.add_argument("--out", help="default: outputs/compress/<method>")
     com.set_defaults(func=cmd_compress)
+    pre = sub.add_parser(
+        "compress-train",
+        help="every method's training runs in one pool (compress@<method> then loads them)",
+        parents=[params_parser()],
+    )
+    pre.add_argument("--data", default="outputs/cifar10")
+    pre.add_argument("--out", default="outputs/compress-train.json")
+    pre.set_defaults(func=cmd_compress_train)
     rep = sub.add_parser(
         "compress-report",
         help="all methods' rows -> table, figure, metrics",
         parents=[params_parser()],
     )
     rep.add_argument("--runs", default="outputs/compress")
+    rep.add_argument("--train-manifest", default="outputs/compress-train.json")
     rep.add_argument("--table", default="reports/compression.csv")
     rep.add_argument("--curves", default="reports/compression_curves.csv")
     rep.add_argument("--figure", default="reports/figures/compression.png")

@@ -22,6 +22,7 @@ from tasks.compression import (
     run_method,
     still_improving,
     train,
+    train_all,
 )
 
 
@@ -333,3 +334,30 @@ def test_parallel_workers_give_the_sequential_records(method: str) -> None:
         assert accuracy(b["net"], f.x_test, f.y_test) == b["test_accuracy"]  # a usable net
     with pytest.raises(ValueError, match="workers must be >= 1"):
         _params(workers=0).validate()
+
+
+def test_train_all_fills_one_pool_and_the_methods_then_find_their_runs(tmp_path, capfd) -> None:
+    """compress-train: every method's search and seeds in one pool; run_method then trains
+    nothing and returns the records of a run that trained alone."""
+    arrays = _arrays(per_class=12, test_per_class=4)
+    methods = ["dense", "bp_real", "dense_to_monarch"]
+    p = _params(methods=methods, lrs=[1e-3, 3e-3], seeds=[0, 1], max_epochs=2, workers=2)
+    kept = RunCache(tmp_path, {"arrays_sha256": "a", "code": "c"})
+    said: list[str] = []
+    summary = train_all(arrays, p, said.append, kept)
+    said += capfd.readouterr().err.splitlines()  # what the worker processes logged
+    assert summary["runs"] == 9 and summary["runs_reused"] == 0 and summary["workers"] == 2
+    assert "[compress] all methods: 9 of 9 runs done" in " ".join(said)
+    # dense_to_monarch starts after dense: both of its searched dense phases are dense's runs
+    assert sum("dense_to_monarch seed=0" in m and "dense phase reused" in m for m in said) == 2
+    for method in methods:
+        said.clear()
+        alone = run_method(method, arrays, _params(methods=methods, lrs=[1e-3, 3e-3],
+                                                   seeds=[0, 1], max_epochs=2), lambda _: None)
+        loaded = run_method(method, arrays, p, said.append, kept)
+        assert not any(" epoch " in m for m in said)  # every run was kept
+        assert loaded[0]["lr"] == summary["lr"][method]
+        assert all(r["stage_runs_reused"] == r["stage_runs"] == 3 for r in loaded)
+        _same_records(alone, loaded)
+    again = train_all(arrays, p, said.append, kept)
+    assert (again["runs"], again["runs_reused"]) == (9, 9) and again["lr"] == summary["lr"]
