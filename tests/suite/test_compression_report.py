@@ -220,7 +220,10 @@ def test_stage_wall_time_sums_one_value_per_method_and_names_untimed_ones() -> N
     line = cr.stage_time(cr.profile_rows(df, "quick"))
     # three seed rows per method carry the method's one stage value: 120 + 60 s, not x3
     assert line.startswith("Stage wall time: 3.0 min over 2 method(s)")
-    assert "slowest dense 2.0 min" in line and "12 runs, 4 of them kept runs reused" in line
+    assert "slowest dense 120.0 s" not in line and "slowest dense 2.0 min" in line
+    assert "12 runs, 4 of them kept runs reused" in line
+    short = cr.stage_time(_rows(FINAL, dense={**timed, "stage_seconds": 1.5}))
+    assert short.startswith("Stage wall time: 1.5 s over 1 method(s)")
     assert line.endswith("Not recorded for: bpbp_real.")
     assert cr.stage_time(_rows(FINAL)).startswith("Stage wall time: not recorded")
     assert line in cr.markdown(df)
