@@ -244,6 +244,8 @@ def headline(df: pd.DataFrame, partial: Partial | None = None) -> dict[str, Any]
         "seeds": int(b.seeds),
         "provisional_reasons": reasons,
     }
+    if train_time(rows):
+        out["train_wall_minutes"] = round(float(rows.train_wall_seconds.iloc[0]) / 60, 2)
     out["gap_verdict"] = gap_verdict(out["gap_points"], reasons)
     return out
 
@@ -430,16 +432,18 @@ def profile_table(df: pd.DataFrame) -> list[str]:
         f"Latency: {_threads(df)}; data: {df.data_source.iloc[0]} "
         f"(sha256 {str(df.data_sha256.iloc[0])[:12]}).",
         stage_time(df),
-    ]
+    ] + [line for line in (train_time(df),) if line]
 
 
-def train_time(manifest: dict[str, Any]) -> str:
-    """The compress-train line: the wall time of all the profile's training runs in its pool."""
+def train_time(df: pd.DataFrame) -> str | None:
+    """The compress-train line of one profile's rows (columns train_*), None if not recorded."""
+    if "train_wall_seconds" not in df or df.train_wall_seconds.isna().all():
+        return None
+    r = df.iloc[0]
     return (
-        f"Training (`suite compress-train`, profile {manifest['profile']}): "
-        f"{manifest['wall_seconds'] / 60:.1f} min wall for {manifest['runs']} runs of "
-        f"{len(manifest['methods'])} methods on {manifest['workers']} worker(s) "
-        f"({manifest['runs_reused']} kept runs reused), {manifest['device']}."
+        f"Training (`suite compress-train`): {_duration(float(r.train_wall_seconds))} wall for "
+        f"{int(r.train_runs)} runs of {df.method.nunique()} methods on {int(r.train_workers)} "
+        f"worker(s) ({int(r.train_runs_reused)} kept runs reused)."
     )
 
 

@@ -274,6 +274,20 @@ def _train_manifest(path: Path, profile: str) -> dict[str, Any] | None:
     return manifest if manifest.get("profile") == profile else None
 
 
+TRAIN_COLUMNS = ("train_wall_seconds", "train_runs", "train_runs_reused", "train_workers")
+"""compress-train's cost, the same on every row of its profile (kept beside the other
+profile's rows, so each profile's table states its own)."""
+
+
+def with_training_cost(df: pd.DataFrame, manifest: dict[str, Any] | None) -> pd.DataFrame:
+    """df with compress-train's wall time, runs and workers on every row (NaN without one, or
+    with one of another commit than the rows': not the run that made them)."""
+    m = manifest if manifest and manifest.get("commit") in set(df.commit) else {}
+    values = (m.get("wall_seconds"), m.get("runs"), m.get("runs_reused"), m.get("workers"))
+    return df.assign(**{c: math.nan if v is None else v for c, v in zip(TRAIN_COLUMNS, values,
+                                                                         strict=True)})  # fmt: skip
+
+
 def cmd_compress_report(args: argparse.Namespace) -> int:
     if args.figure_only:  # a figure edit: redraw from the committed table, no runs needed
         df = results.read_table(Path(args.table), results.COMPRESSION_COLUMNS)
@@ -282,6 +296,7 @@ def cmd_compress_report(args: argparse.Namespace) -> int:
         return 0
     profile, p = compress_params(args.params, args.profile)
     df, curves, missing = collect(Path(args.runs), p.methods, profile, args.allow_missing)
+    df = with_training_cost(df, _train_manifest(Path(args.train_manifest), profile))
     if missing:
         log(f"[compress-report] partial: {len(missing)} method(s) not run yet: {missing}")
     df = keep_other_profiles(df, Path(args.table), results.COMPRESSION_COLUMNS)
@@ -292,14 +307,8 @@ def cmd_compress_report(args: argparse.Namespace) -> int:
     results.write_table(df, Path(args.table), results.COMPRESSION_COLUMNS)
     results.write_table(curves, Path(args.curves), (*CURVE_COLUMNS, "profile"))
     compression_report.figure(df, Path(args.figure))
-    text = compression_report.markdown(df, partial)
-    trained = _train_manifest(Path(args.train_manifest), profile)
-    if trained:
-        text += "\n" + compression_report.train_time(trained) + "\n"
-    results.atomic_write_text(Path(args.summary), text)
+    results.atomic_write_text(Path(args.summary), compression_report.markdown(df, partial))
     metrics = compression_report.headline(df, partial)
-    if trained:
-        metrics["train_wall_minutes"] = round(trained["wall_seconds"] / 60, 2)
     results.atomic_write_json(Path(args.metrics), {"profile": profile, **metrics})
     uri = tracking.configure(Path.cwd())
     fp = environment.fingerprint()

@@ -145,8 +145,9 @@ def test_dvc_repro_compress_smoke(tmp_path: Path) -> None:
     assert (manifest["runs"], manifest["runs_reused"]) == (6, 0)
     assert manifest["lr"] == {m: 0.001 for m in METHODS}
     assert manifest["arrays_sha256"] == prov["arrays_sha256"]
-    assert f"{manifest['wall_seconds'] / 60:.1f} min wall for 6 runs of 6 methods" in md
-    assert metrics["train_wall_minutes"] == round(manifest["wall_seconds"] / 60, 2)
+    assert (df.train_wall_seconds == manifest["wall_seconds"]).all() and (df.train_runs == 6).all()
+    assert "wall for 6 runs of 6 methods on 1 worker(s) (0 kept runs reused)" in md
+    assert headline(df)["train_wall_minutes"] == round(manifest["wall_seconds"] / 60, 2)
     status = _run([str(bindir / "dvc"), "status", "--with-deps", "compress-report"], repo, env)
     assert "up to date" in status.stdout, status.stdout
 

@@ -227,3 +227,22 @@ def test_stage_wall_time_sums_one_value_per_method_and_names_untimed_ones() -> N
     assert line.endswith("Not recorded for: bpbp_real.")
     assert cr.stage_time(_rows(FINAL)).startswith("Stage wall time: not recorded")
     assert line in cr.markdown(df)
+
+
+def test_training_cost_goes_on_its_own_profiles_rows_only() -> None:
+    from suite.stage_compress import with_training_cost
+
+    rows = _rows(FINAL).assign(commit="abc")
+    manifest = {"wall_seconds": 600.0, "runs": 9, "runs_reused": 0, "workers": 2, "commit": "abc"}
+    df = with_training_cost(rows, manifest)
+    assert (df.train_wall_seconds == 600.0).all() and (df.train_workers == 2).all()
+    assert cr.train_time(df) == (
+        "Training (`suite compress-train`): 10.0 min wall for 9 runs of 3 methods on 2 "
+        "worker(s) (0 kept runs reused)."
+    )
+    assert cr.train_time(df) in cr.markdown(df) and cr.headline(df)["train_wall_minutes"] == 10.0
+    # a manifest of another commit is not the run that made these rows
+    other = with_training_cost(rows, {**manifest, "commit": "def"})
+    assert other.train_wall_seconds.isna().all() and cr.train_time(other) is None
+    assert "train_wall_minutes" not in cr.headline(other)
+    assert cr.train_time(with_training_cost(rows, None)) is None
