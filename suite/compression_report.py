@@ -429,7 +429,37 @@ def profile_table(df: pd.DataFrame) -> list[str]:
         "lowest / highest candidate of its grid (the search did not bracket its best lr).",
         f"Latency: {_threads(df)}; data: {df.data_source.iloc[0]} "
         f"(sha256 {str(df.data_sha256.iloc[0])[:12]}).",
+        stage_time(df),
     ]
+
+
+def train_time(manifest: dict[str, Any]) -> str:
+    """The compress-train line: the wall time of all the profile's training runs in its pool."""
+    return (
+        f"Training (`suite compress-train`, profile {manifest['profile']}): "
+        f"{manifest['wall_seconds'] / 60:.1f} min wall for {manifest['runs']} runs of "
+        f"{len(manifest['methods'])} methods on {manifest['workers']} worker(s) "
+        f"({manifest['runs_reused']} kept runs reused), {manifest['device']}."
+    )
+
+
+def stage_time(df: pd.DataFrame) -> str:
+    """The wall time of one profile's compress stages (column stage_seconds, one value per
+    method), the runs they trained and those taken from kept runs (which cost ~nothing)."""
+    per = df.groupby("method").first()
+    if "stage_seconds" not in per:
+        per = per.assign(stage_seconds=math.nan, stage_runs=math.nan, stage_runs_reused=math.nan)
+    timed = per[per.stage_seconds.notna()]
+    if timed.empty:
+        return "Stage wall time: not recorded (rows written before it was)."
+    untimed = sorted(set(per.index) - set(timed.index))
+    text = (
+        f"Stage wall time: {timed.stage_seconds.sum() / 60:.1f} min over {len(timed)} "
+        f"method(s) (training, lr search and latency; slowest {timed.stage_seconds.idxmax()} "
+        f"{timed.stage_seconds.max() / 60:.1f} min); {int(timed.stage_runs.sum())} runs, "
+        f"{int(timed.stage_runs_reused.sum())} of them kept runs reused."
+    )
+    return text + (f" Not recorded for: {', '.join(untimed)}." if untimed else "")
 
 
 def _headline_lines(df: pd.DataFrame, partial: Partial | None = None) -> list[str]:

@@ -1,4 +1,8 @@
-"""`suite compress --method M` (one DVC stage per method) and `suite compress-report`.
+"""`suite compress-train`, `suite compress --method M` (one DVC stage per method) and
+`suite compress-report`.
+
+compress-train: every method's training runs in one pool of `workers` processes (kept runs,
+tasks.compression.train_all) -> outputs/compress-train.json (chosen lrs, wall time, runs).
 
 compress: params + outputs/cifar10 -> outputs/compress/<method>/ (rows.csv, curves.csv,
 seed<k>.pt, environment.json), written whole or not at all; an MLflow parent run per call with
@@ -11,9 +15,9 @@ accuracy-against-parameters figure.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
+from kernels.atomic import clean_stale, sibling
 from suite import compression_report, environment, paper, params, results, tracking
 from suite.stage import code_digest, log, params_parser, scratch
 
@@ -55,11 +60,6 @@ def run_cache(prov: dict[str, Any]) -> RunCache:
     return RunCache(scratch() / "compress-runs", context)
 
 
-def _scratch(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-
-
 def _row(rec: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     row = {k: v for k, v in rec.items() if k not in ("curve", "state", "net", "lr_candidates")}
     row["compression_factor"] = paper.compression_factor(int(rec["hidden_params"]))
@@ -85,6 +85,28 @@ def _metrics(row: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def cmd_compress_train(args: argparse.Namespace) -> int:
+    """Every method's training runs in one pool of `workers` processes, kept for the
+    compress@<method> stages (tasks.compression.train_all); writes a small manifest."""
+    from tasks import cifar10
+    from tasks.compression import train_all
+
+    profile, p = compress_params(args.params, args.profile)
+    arrays, prov = cifar10.load(Path(args.data))
+    kept = run_cache(prov)
+    log(f"[compress-train] profile={profile}: {len(p.methods)} methods -> {kept.folder}")
+    summary = train_all(arrays, p, log, kept)
+    fp = environment.fingerprint()
+    manifest = {"profile": profile, "methods": p.methods, **summary, **kept.context,
+                "device": fp["device"], "commit": fp["commit"], "env_id": fp["env_id"]}  # fmt: skip
+    results.atomic_write_json(Path(args.out), manifest)
+    log(
+        f"[compress-train] {summary['runs']} runs ({summary['runs_reused']} kept) in "
+        f"{summary['wall_seconds'] / 60:.1f} min on {p.workers} worker(s) -> {args.out}"
+    )
+    return 0
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from tasks import cifar10
     from tasks.compression import N_CLASSES, N_FEATURES, run_method
@@ -97,7 +119,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     arrays, prov = cifar10.load(Path(args.data))
     fp = environment.fingerprint()
     out = Path(args.out or f"outputs/compress/{args.method}")
-    work = _scratch(out)
+    clean_stale(out)  # the work folders of killed runs
+    work = sibling(out, "tmp")
     uri = tracking.configure(Path.cwd())
     tags = environment.run_tags(
         fp,
@@ -188,10 +211,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def collect(
-    runs: Path, methods: list[str], allow_missing: bool = False
+    runs: Path, methods: list[str], profile: str, allow_missing: bool = False
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """The rows and curves of the configured methods, and the methods without rows; a missing
-    method is an error unless allow_missing (a report of a run still in progress).
+    """The rows and curves of the configured methods, and the methods without rows of
+    `profile`; such a method (no rows, or rows of another profile: a folder left from an
+    earlier run) is an error unless allow_missing (a report of a run still in progress).
 
     Curves get their run's profile (from the method's rows).
     """
@@ -202,6 +226,14 @@ def collect(
             missing.append(method)
             continue
         r = results.read_table(folder / "rows.csv", results.COMPRESSION_COLUMNS)
+        if set(r.profile) != {profile}:
+            if allow_missing:
+                missing.append(method)
+                continue
+            raise ValueError(
+                f"{folder / 'rows.csv'} holds rows of profile {sorted(set(r.profile))}, not "
+                f"{profile!r}: run compress@{method} with profile {profile}"
+            )
         c = results.read_table(folder / "curves.csv", CURVE_COLUMNS)
         rows.append(r)
         curves.append(c.assign(profile=r.profile.iloc[0]))
@@ -234,6 +266,14 @@ def keep_other_profiles(new: pd.DataFrame, path: Path, required: tuple[str, ...]
     return pd.concat([others, new], ignore_index=True) if len(others) else new
 
 
+def _train_manifest(path: Path, profile: str) -> dict[str, Any] | None:
+    """compress-train's manifest if it describes this profile's run, else None."""
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    return manifest if manifest.get("profile") == profile else None
+
+
 def cmd_compress_report(args: argparse.Namespace) -> int:
     if args.figure_only:  # a figure edit: redraw from the committed table, no runs needed
         df = results.read_table(Path(args.table), results.COMPRESSION_COLUMNS)
@@ -241,7 +281,7 @@ def cmd_compress_report(args: argparse.Namespace) -> int:
         log(f"[compress-report] {args.table} -> {args.figure}")
         return 0
     profile, p = compress_params(args.params, args.profile)
-    df, curves, missing = collect(Path(args.runs), p.methods, args.allow_missing)
+    df, curves, missing = collect(Path(args.runs), p.methods, profile, args.allow_missing)
     if missing:
         log(f"[compress-report] partial: {len(missing)} method(s) not run yet: {missing}")
     df = keep_other_profiles(df, Path(args.table), results.COMPRESSION_COLUMNS)
@@ -252,8 +292,14 @@ def cmd_compress_report(args: argparse.Namespace) -> int:
     results.write_table(df, Path(args.table), results.COMPRESSION_COLUMNS)
     results.write_table(curves, Path(args.curves), (*CURVE_COLUMNS, "profile"))
     compression_report.figure(df, Path(args.figure))
-    results.atomic_write_text(Path(args.summary), compression_report.markdown(df, partial))
+    text = compression_report.markdown(df, partial)
+    trained = _train_manifest(Path(args.train_manifest), profile)
+    if trained:
+        text += "\n" + compression_report.train_time(trained) + "\n"
+    results.atomic_write_text(Path(args.summary), text)
     metrics = compression_report.headline(df, partial)
+    if trained:
+        metrics["train_wall_minutes"] = round(trained["wall_seconds"] / 60, 2)
     results.atomic_write_json(Path(args.metrics), {"profile": profile, **metrics})
     uri = tracking.configure(Path.cwd())
     fp = environment.fingerprint()
@@ -279,12 +325,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     com.add_argument("--data", default="outputs/cifar10")
     com.add_argument("--out", help="default: outputs/compress/<method>")
     com.set_defaults(func=cmd_compress)
+    pre = sub.add_parser(
+        "compress-train",
+        help="every method's training runs in one pool (compress@<method> then loads them)",
+        parents=[params_parser()],
+    )
+    pre.add_argument("--data", default="outputs/cifar10")
+    pre.add_argument("--out", default="outputs/compress-train.json")
+    pre.set_defaults(func=cmd_compress_train)
     rep = sub.add_parser(
         "compress-report",
         help="all methods' rows -> table, figure, metrics",
         parents=[params_parser()],
     )
     rep.add_argument("--runs", default="outputs/compress")
+    rep.add_argument("--train-manifest", default="outputs/compress-train.json")
     rep.add_argument("--table", default="reports/compression.csv")
     rep.add_argument("--curves", default="reports/compression_curves.csv")
     rep.add_argument("--figure", default="reports/figures/compression.png")

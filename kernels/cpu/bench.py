@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 import kernels.cpu.tiled as tiled
+from kernels.atomic import atomic_save
 from kernels.butterfly import Butterfly
 from kernels.cpu import CPUButterfly
 from kernels.cpu.compiled import BACKEND_ENV, backend
@@ -413,12 +414,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: done", flush=True)
     env["load average (1 min) after"] = f"{os.getloadavg()[0]:.2f}"
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    out.with_suffix(".md").write_text(markdown(rows, env), encoding="utf-8")
+
+    def table(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_save(out.with_suffix(".csv"), table)  # never half a table
+    text = markdown(rows, env)
+    atomic_save(out.with_suffix(".md"), lambda tmp: tmp.write_text(text, encoding="utf-8"))
     print(out.with_suffix(".md").read_text(encoding="utf-8"))
 
 

@@ -135,6 +135,18 @@ def test_dvc_repro_compress_smoke(tmp_path: Path) -> None:
     assert f"Measured (profile {best};" in md and "Profile `smoke`" in md
     assert headline(df)["gap_verdict"].startswith("provisional (")
     assert (repo / "outputs" / "compress" / "bp_real" / "seed0.pt").is_file()
+    assert not list((repo / "outputs" / "compress").glob(".*"))  # no work folder left
+    # each method's stage cost: one value for its rows, summed per profile in the report
+    assert (df.stage_runs == 1).all() and (df.stage_seconds > 0).all()
+    assert (df.stage_runs_reused == 1).all()  # compress-train trained them, in its pool
+    assert f"Stage wall time: {df.stage_seconds.sum() / 60:.1f} min over 6 method(s)" in md
+    manifest = json.loads((repo / "outputs" / "compress-train.json").read_text())
+    assert manifest["profile"] == "smoke" and manifest["methods"] == METHODS
+    assert (manifest["runs"], manifest["runs_reused"]) == (6, 0)
+    assert manifest["lr"] == {m: 0.001 for m in METHODS}
+    assert manifest["arrays_sha256"] == prov["arrays_sha256"]
+    assert f"{manifest['wall_seconds'] / 60:.1f} min wall for 6 runs of 6 methods" in md
+    assert metrics["train_wall_minutes"] == round(manifest["wall_seconds"] / 60, 2)
     status = _run([str(bindir / "dvc"), "status", "--with-deps", "compress-report"], repo, env)
     assert "up to date" in status.stdout, status.stdout
 

@@ -179,12 +179,17 @@ def test_a_partial_run_is_listed_and_its_claim_is_provisional(tmp_path) -> None:
                                val_accuracy=40.0, seconds=1.0)])  # fmt: skip
     results.write_table(curve, folder / "curves.csv", CURVE_COLUMNS)
     with pytest.raises(FileNotFoundError, match="bp_real"):
-        collect(tmp_path, ["dense", "bp_real"])
-    df, curves, missing = collect(tmp_path, ["dense", "bp_real"], allow_missing=True)
+        collect(tmp_path, ["dense", "bp_real"], "paper")
+    df, curves, missing = collect(tmp_path, ["dense", "bp_real"], "paper", allow_missing=True)
     assert missing == ["bp_real"] and set(df.method) == {"dense"}
     assert (curves.profile == "paper").all()
     with pytest.raises(FileNotFoundError, match="no method"):
-        collect(tmp_path, ["bp_real"], allow_missing=True)
+        collect(tmp_path, ["bp_real"], "paper", allow_missing=True)
+    # a folder left by another profile's run is not this profile's result
+    with pytest.raises(ValueError, match="holds rows of profile \\['paper'\\], not 'quick'"):
+        collect(tmp_path, ["dense"], "quick")
+    with pytest.raises(FileNotFoundError, match="no method"):
+        collect(tmp_path, ["dense"], "quick", allow_missing=True)
 
 
 def test_an_unfinished_profile_kept_in_the_table_stays_partial() -> None:
@@ -207,3 +212,15 @@ def test_one_seed_has_no_interval_and_stays_provisional() -> None:
     assert h["gap_seeds"] == 1 and h["provisional_reasons"] == ["1 paired seed(s): no interval"]
     assert h["gap_verdict"] == "provisional (1 paired seed(s): no interval)"
     assert cr.headline(_rows(FINAL))["provisional_reasons"] == []  # three seeds pair up
+
+
+def test_stage_wall_time_sums_one_value_per_method_and_names_untimed_ones() -> None:
+    timed = {"stage_seconds": 120.0, "stage_runs": 6, "stage_runs_reused": 2}
+    df = _rows(FINAL, dense=timed, bp_real={**timed, "stage_seconds": 60.0})
+    line = cr.stage_time(cr.profile_rows(df, "quick"))
+    # three seed rows per method carry the method's one stage value: 120 + 60 s, not x3
+    assert line.startswith("Stage wall time: 3.0 min over 2 method(s)")
+    assert "slowest dense 2.0 min" in line and "12 runs, 4 of them kept runs reused" in line
+    assert line.endswith("Not recorded for: bpbp_real.")
+    assert cr.stage_time(_rows(FINAL)).startswith("Stage wall time: not recorded")
+    assert line in cr.markdown(df)

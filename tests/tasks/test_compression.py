@@ -22,6 +22,7 @@ from tasks.compression import (
     run_method,
     still_improving,
     train,
+    train_all,
 )
 
 
@@ -215,6 +216,9 @@ def test_lr_search_extends_past_an_edge_until_the_best_is_inside() -> None:
     tried = [float(x.split(":")[0]) for x in rec["lr_search"].split()]
     assert tried[:3] == [1e-7, 1e-6, 1e-5] and tried == sorted(tried) and len(tried) <= 5
     assert sum("is at an edge: trying" in m for m in said) == len(tried) - 2
+    done = [m for m in said if " runs done, " in m]  # progress: k of n, n grows per extension
+    assert done[-1].startswith(f"[compress] dense: {len(tried)} of {len(tried)} runs done, ")
+    assert done[-1].endswith("about 0 s left") and len(done) == len(tried)
     assert rec["lr_candidates"] == tried and rec["lr"] in tried
     (none,) = run_method("dense", _arrays(), _params(lrs=[1e-7, 1e-6], max_epochs=1), print)
     assert none["lr_candidates"] == [1e-7, 1e-6]  # lr_extend 0: the grid as given
@@ -288,11 +292,14 @@ def test_kept_runs_resume_and_a_wider_grid_trains_only_its_new_candidates(tmp_pa
     first = run_method("bp_real_learned", arrays, _params(lrs=[1e-3, 3e-3], **kw), said.append,
                        kept)  # fmt: skip
     assert sum(" epoch 1:" in m for m in said) == 3 and not any("kept run" in m for m in said)
+    assert (first[0]["stage_runs"], first[0]["stage_runs_reused"]) == (3, 0)
     said.clear()
     again = run_method("bp_real_learned", arrays, _params(lrs=[1e-3, 3e-3], **kw), said.append,
                        kept)  # fmt: skip
     assert not any(" epoch " in m for m in said)  # nothing trained: every run was kept
     _same_records(first, again)
+    assert all((r["stage_runs"], r["stage_runs_reused"]) == (3, 3) for r in again)
+    assert 0 < again[0]["stage_seconds"] == again[1]["stage_seconds"]
     assert again[0]["net"].hidden.learned  # a usable net of the method, with its state
     f = make_features(arrays, _params(**kw))
     assert all(accuracy(r["net"], f.x_test, f.y_test) == r["test_accuracy"] for r in again)
@@ -327,3 +334,30 @@ def test_parallel_workers_give_the_sequential_records(method: str) -> None:
         assert accuracy(b["net"], f.x_test, f.y_test) == b["test_accuracy"]  # a usable net
     with pytest.raises(ValueError, match="workers must be >= 1"):
         _params(workers=0).validate()
+
+
+def test_train_all_fills_one_pool_and_the_methods_then_find_their_runs(tmp_path, capfd) -> None:
+    """compress-train: every method's search and seeds in one pool; run_method then trains
+    nothing and returns the records of a run that trained alone."""
+    arrays = _arrays(per_class=12, test_per_class=4)
+    methods = ["dense", "bp_real", "dense_to_monarch"]
+    p = _params(methods=methods, lrs=[1e-3, 3e-3], seeds=[0, 1], max_epochs=2, workers=2)
+    kept = RunCache(tmp_path, {"arrays_sha256": "a", "code": "c"})
+    said: list[str] = []
+    summary = train_all(arrays, p, said.append, kept)
+    said += capfd.readouterr().err.splitlines()  # what the worker processes logged
+    assert summary["runs"] == 9 and summary["runs_reused"] == 0 and summary["workers"] == 2
+    assert "[compress] all methods: 9 of 9 runs done" in " ".join(said)
+    # dense_to_monarch starts after dense: both of its searched dense phases are dense's runs
+    assert sum("dense_to_monarch seed=0" in m and "dense phase reused" in m for m in said) == 2
+    for method in methods:
+        said.clear()
+        alone = run_method(method, arrays, _params(methods=methods, lrs=[1e-3, 3e-3],
+                                                   seeds=[0, 1], max_epochs=2), lambda _: None)
+        loaded = run_method(method, arrays, p, said.append, kept)
+        assert not any(" epoch " in m for m in said)  # every run was kept
+        assert loaded[0]["lr"] == summary["lr"][method]
+        assert all(r["stage_runs_reused"] == r["stage_runs"] == 3 for r in loaded)
+        _same_records(alone, loaded)
+    again = train_all(arrays, p, said.append, kept)
+    assert (again["runs"], again["runs_reused"]) == (9, 9) and again["lr"] == summary["lr"]
