@@ -404,8 +404,8 @@ def test_scheduler_starts_runs_by_rank_and_trains_a_run_asked_twice_once() -> No
         with pytest.raises(RuntimeError, match="diverged"):
             broken.result()
     assert ran == [
-        ("blocker", 1.0), ("dense", 1.0), ("dense", 2.0), ("dense_to_monarch", 1.0), ("bp_real", 2.0),
-        ("bp_real", 1.0), ("monarch", 1.0),
+        ("blocker", 1.0), ("dense", 1.0), ("dense", 2.0), ("dense_to_monarch", 1.0),
+        ("bp_real", 2.0), ("bp_real", 1.0), ("monarch", 1.0),
     ]  # fmt: skip
 
     gate.clear()
