@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import heapq
+import itertools
 import json
 import math
 import multiprocessing
@@ -26,7 +28,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import (
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    as_completed,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,7 +326,7 @@ def train(
     """
     gen = torch.Generator().manual_seed(seed)
     # fused: one kernel per step instead of a dozen passes over each parameter (the same
-    # update up to rounding; a 1024 x 1024 dense layer's step 0.6 ms instead of 6.4 ms)
+    # update up to rounding)
     opt = torch.optim.Adam(net.parameters(), lr=lr, fused=True)
     loss_fn = nn.CrossEntropyLoss()
     best = Trained(copy.deepcopy(net.state_dict()), accuracy(net, f.x_val, f.y_val), 0, 0, 0.0)
@@ -515,14 +523,16 @@ def _fit_jobs(
     log: Log,
     kept: RunCache,
     progress: _Progress,
-    pool: Executor | None = None,
+    pool: Executor | _Scheduler | None = None,
+    later: bool = False,
 ) -> dict[Job, Fitted]:
     """_fit for every (lr, seed) job: in this process, `workers` spawned processes at once, or
-    the shared `pool` (train_all).
+    the shared `pool` (train_all; `later`: jobs of a method's later phase, its extensions and
+    seeds).
 
     Runs are independent and seeded, so the result does not depend on `workers`. A job kept in
-    `kept` is not trained again; a projected method's dense phase comes from the dense method's
-    kept run where there is one. Every run trained here (and its dense phase) is kept.
+    `kept` is not trained again; a projected method's dense phase is the dense method's run
+    (_dense_phases). Every run trained here (and its dense phase) is kept.
     """
     runs: dict[Job, Fitted] = {}
     for job in jobs:
@@ -534,10 +544,7 @@ def _fit_jobs(
                 f"(val {trained.val_accuracy:.2f}%)")  # fmt: skip
             progress.step(reused=True)
     todo = [job for job in jobs if job not in runs]
-    pre = {}
-    for job in todo:
-        dense = kept.load("dense", p, *job) if method in PROJECTED else None
-        pre[job] = None if dense is None else dense[0]
+    pre = _dense_phases(todo, p, kept, pool) if method in PROJECTED else dict.fromkeys(todo)
 
     def keep(job: Job, fitted: Fitted) -> None:  # as each run ends: a kill loses only the running
         _, trained, projected = fitted
@@ -547,8 +554,27 @@ def _fit_jobs(
         runs[job] = fitted
         progress.step()
 
-    _fit_all(method, f, todo, p, log, pre, keep, pool)
+    _fit_all(method, f, todo, p, log, pre, keep, pool, later)
     return runs
+
+
+def _dense_phases(
+    jobs: list[Job], p: CompressParams, kept: RunCache, pool: Executor | _Scheduler | None
+) -> dict[Job, Trained | None]:
+    """The dense phase of each job of a projected method: the dense method's kept run; else,
+    with train_all's shared pool, its run there (the dense method's own, or asked now: trained
+    once either way, then kept); else None: the projected run trains it itself."""
+    phases: dict[Job, Trained | None] = {}
+    for job in jobs:
+        hit = kept.load("dense", p, *job)
+        phases[job] = None if hit is None else hit[0]
+    if isinstance(pool, _Scheduler):
+        asked = {job: pool.submit(_worker_fit, "dense", *job, p, None) for job in jobs
+                 if phases[job] is None}  # fmt: skip
+        for job, fut in asked.items():
+            phases[job] = fut.result()[1]
+            kept.save("dense", p, *job, phases[job])
+    return phases
 
 
 def _kept_net(method: str, seed: int, state: dict[str, torch.Tensor]) -> HiddenNet:
@@ -569,7 +595,8 @@ def _fit_all(
     log: Log,
     pre: dict[Job, Trained | None],
     done: Callable[[Job, Fitted], None],
-    pool: Executor | None = None,
+    pool: Executor | _Scheduler | None = None,
+    later: bool = False,
 ) -> None:
     """Train every job, calling done(job, fitted) as each one ends (in `pool` if given)."""
     if pool is None and (p.workers == 1 or len(jobs) <= 1):
@@ -579,7 +606,8 @@ def _fit_all(
     with contextlib.ExitStack() as stack:
         if pool is None:
             pool = stack.enter_context(_pool(f, p, min(p.workers, len(jobs))))
-        futures = {pool.submit(_worker_fit, method, *job, p, pre[job]): job for job in jobs}
+        rank = {"later": later} if isinstance(pool, _Scheduler) else {}
+        futures = {pool.submit(_worker_fit, method, *job, p, pre[job], **rank): job for job in jobs}
         for fut in as_completed(futures):
             done(futures[fut], fut.result())
 
@@ -591,6 +619,71 @@ def _pool(f: Features, p: CompressParams, workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_worker_init, initargs=(f, p.threads)
     )
+
+
+class _Scheduler:
+    """train_all's shared pool: at most `workers` runs in the processes at once; the waiting ones
+    start by rank, then in the order asked. Rank: dense (its runs are the projected methods'
+    dense phases), the projected methods (their fine-tunes are long), then the later phase of
+    any method (extensions and seeds, which end its chain), then the searches. A run asked
+    twice (dense's own run and a projection's dense phase) is trained once."""
+
+    def __init__(self, pool: Executor, workers: int) -> None:
+        self.pool, self.free = pool, workers
+        self.waiting: list[tuple[tuple[int, int], Future, tuple]] = []  # a heap
+        self.asked: dict[tuple[str, float, int], Future] = {}
+        self.lock = threading.Lock()
+        self.order = itertools.count()
+
+    def submit(
+        self, fn: Callable[..., Fitted], method: str, lr: float, seed: int,
+        p: CompressParams, pre: Trained | None, later: bool = False,
+    ) -> Future:  # fmt: skip
+        rank = 0 if method == "dense" else 1 if method in PROJECTED else 2 if later else 3
+        with self.lock:
+            if (method, lr, seed) in self.asked:
+                return self.asked[(method, lr, seed)]
+            out: Future = Future()
+            self.asked[(method, lr, seed)] = out
+            call = (fn, method, lr, seed, p, pre)
+            heapq.heappush(self.waiting, ((rank, next(self.order)), out, call))
+        self._start()
+        return out
+
+    def _start(self) -> None:
+        with self.lock:
+            starts = []
+            while self.free and self.waiting:
+                self.free -= 1
+                starts.append(heapq.heappop(self.waiting))
+        for _, out, call in starts:
+            try:
+                run = self.pool.submit(*call)
+            except BaseException as e:  # the processes were shut down: a failed run
+                self._end(out, e)
+            else:
+                run.add_done_callback(lambda run, out=out: self._end(out, run))
+
+    def _end(self, out: Future, run: Future | BaseException) -> None:
+        """A run ended (or could not start): hand its outcome on, start the next."""
+        with self.lock:
+            self.free += 1
+        if isinstance(run, BaseException):
+            out.set_exception(run)
+        elif run.cancelled():
+            out.cancel()
+        elif run.exception() is not None:
+            out.set_exception(run.exception())
+        else:
+            out.set_result(run.result())
+        self._start()
+
+    def cancel(self) -> None:
+        """Drop the waiting runs (a failed run fails the call)."""
+        with self.lock:
+            waiting, self.waiting = self.waiting, []
+        for _, out, _ in waiting:
+            out.cancel()
 
 
 def next_lr(lrs: list[float], best: float) -> float | None:
@@ -626,7 +719,7 @@ def _search(
     log: Log,
     kept: RunCache,
     progress: _Progress,
-    pool: Executor | None = None,
+    pool: Executor | _Scheduler | None = None,
 ) -> tuple[float, list[float], str, dict[Job, Fitted]]:
     """The lr search on the first seed (extended past an edge, next_lr), then the other seeds
     at the chosen lr: (lr, candidates, "lr:val% ..." text, every run)."""
@@ -638,14 +731,14 @@ def _search(
             break
         log(f"[compress] {method}: lr {_best_lr(lrs, runs, first):g} is at an edge: trying {new:g}")
         progress.plan(1)
-        runs.update(_fit_jobs(method, f, [(new, first)], p, log, kept, progress, pool))
+        runs.update(_fit_jobs(method, f, [(new, first)], p, log, kept, progress, pool, True))
         lrs = sorted([*lrs, new])
     lr = _best_lr(lrs, runs, first)
     search = " ".join(f"{r:g}:{runs[(r, first)][1].val_accuracy:.2f}" for r in lrs)
     if len(lrs) > 1:
         log(f"[compress] {method}: lr search (val %) {search} -> {lr:g}")
     others = [(lr, s) for s in p.seeds if s != first]
-    runs.update(_fit_jobs(method, f, others, p, log, kept, progress, pool))
+    runs.update(_fit_jobs(method, f, others, p, log, kept, progress, pool, True))
     return lr, lrs, search, runs
 
 
@@ -662,8 +755,8 @@ def run_method(
     grid, up to `lr_extend` more candidates train beyond it (next_lr); then the other seeds at
     the chosen lr. Returns one record per seed: accuracies, parameter counts, stop reason and
     cap flags, latency, learning curve, the best-validation state dict ("state") and the net
-    ("net"), and the cost of the whole call: stage_seconds (wall time), stage_runs and
-    stage_runs_reused (taken from `kept`, not trained again).
+    ("net"), and the cost of the call: stage_seconds (wall time once the features are made),
+    stage_runs and stage_runs_reused (taken from `kept`, not trained again).
     `kept`: where finished runs are kept and looked up (RunCache; None: nothing is kept).
     """
     kept = kept or RunCache()
@@ -719,11 +812,10 @@ def train_all(
     """The training runs of every method of p.methods (the lr search and the seeds of
     run_method) in one pool of `workers` processes, kept in `kept`.
 
-    Within one method the runs wait for each other (the seeds need the search's lr) and a
-    one-run method leaves a worker idle; across methods they fill the pool. A projected
-    method starts after the dense method, whose runs are its dense phases. run_method then
-    finds every run kept. Returns the chosen lr per method and the cost: wall seconds, runs
-    trained and reused.
+    Within one method the runs wait for each other (the seeds need the search's lr); across
+    methods they fill the pool, in _Scheduler's order. A projected run waits only for the dense
+    run that is its dense phase. run_method then finds every run kept. Returns the chosen lr
+    per method and the cost: wall seconds, runs trained and reused.
     """
     torch.set_num_threads(p.threads)
     f = make_features(arrays, p)
@@ -735,18 +827,14 @@ def train_all(
         progress = _Progress(method, planned_runs(method, p), log, parent=total)
         chosen[method] = _search(method, f, p, log, kept, progress, pool)[0]
 
-    first = [m for m in p.methods if m not in PROJECTED]
-    later = [m for m in p.methods if m in PROJECTED]
-    with _pool(f, p, p.workers) as pool, ThreadPoolExecutor(len(p.methods)) as threads:
+    with _pool(f, p, p.workers) as processes, ThreadPoolExecutor(len(p.methods)) as threads:
+        pool = _Scheduler(processes, p.workers)
         try:
-            futures = {m: threads.submit(one, m) for m in first}
-            if later and "dense" in futures:
-                futures["dense"].result()
-            futures.update({m: threads.submit(one, m) for m in later})
-            for fut in futures.values():
+            for fut in [threads.submit(one, m) for m in p.methods]:
                 fut.result()  # a failed run fails the call ...
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)  # ... without waiting for the rest
+            pool.cancel()  # ... without waiting for the rest
+            processes.shutdown(wait=False, cancel_futures=True)
             raise
     return {
         "lr": {m: chosen[m] for m in p.methods},

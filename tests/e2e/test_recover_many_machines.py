@@ -143,7 +143,6 @@ def test_workers_on_postgres_share_cells_and_retry_a_killed_worker(
             time.sleep(0.05)
         victim.send_signal(signal.SIGKILL)
         victim.wait()
-        killed = _held_by(randn, f"{HOST}/{victim.pid}")
         out, _ = coordinator.communicate(timeout=300)
         assert coordinator.returncode == 0, out[-4000:]
     finally:
@@ -156,9 +155,17 @@ def test_workers_on_postgres_share_cells_and_retry_a_killed_worker(
     by = {t.user_attrs.get("worker") for t in trials if t.state != optuna.trial.TrialState.WAITING}
     workers = {f"{HOST}/{p.pid}" for p in (coordinator, victim, survivor)}
     assert workers <= by, f"{by}\n{log}"
+    # the trials the kill left running (failed by the heartbeat; the others told FAIL are the
+    # "unused" asks past the plan): read after the run, since the victim may have asked a trial
+    # and died before tagging it with its name
+    killed = [
+        t.number
+        for t in trials
+        if t.state == optuna.trial.TrialState.FAIL and not t.user_attrs.get("unused")
+    ]
     assert killed, "the victim held no trial when killed"
     for number in killed:
-        assert trials[number].state == optuna.trial.TrialState.FAIL
+        assert trials[number].user_attrs.get("worker") in (f"{HOST}/{victim.pid}", None)
         (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == number]
         assert retry.state in FINISHED and retry.user_attrs["worker"] != f"{HOST}/{victim.pid}"
     assert randn.user_attrs["state"] == "closed"

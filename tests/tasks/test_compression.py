@@ -6,6 +6,8 @@ rows are flagged; `still_improving` marks a capped run whose best epoch was rece
 from __future__ import annotations
 
 import math
+import re
+import threading
 
 import numpy as np
 import pytest
@@ -348,8 +350,11 @@ def test_train_all_fills_one_pool_and_the_methods_then_find_their_runs(tmp_path,
     said += capfd.readouterr().err.splitlines()  # what the worker processes logged
     assert summary["runs"] == 9 and summary["runs_reused"] == 0 and summary["workers"] == 2
     assert "[compress] all methods: 9 of 9 runs done" in " ".join(said)
-    # dense_to_monarch starts after dense: both of its searched dense phases are dense's runs
-    assert sum("dense_to_monarch seed=0" in m and "dense phase reused" in m for m in said) == 2
+    # every dense phase of dense_to_monarch is a dense run of the pool, none trained twice
+    assert sum("dense_to_monarch" in m and "dense phase reused" in m for m in said) == 3
+    assert not any("(dense phase) epoch" in m for m in said)
+    dense = re.findall(r"\] dense seed=(\d+) lr=(\S+) epoch 1:", "\n".join(said))
+    assert len(dense) == len(set(dense)) >= 3
     for method in methods:
         said.clear()
         alone = run_method(method, arrays, _params(methods=methods, lrs=[1e-3, 3e-3],
@@ -361,3 +366,53 @@ def test_train_all_fills_one_pool_and_the_methods_then_find_their_runs(tmp_path,
         _same_records(alone, loaded)
     again = train_all(arrays, p, said.append, kept)
     assert (again["runs"], again["runs_reused"]) == (9, 9) and again["lr"] == summary["lr"]
+
+
+def test_scheduler_starts_runs_by_rank_and_trains_a_run_asked_twice_once() -> None:
+    """compress-train's order: dense, the projections, later phases, then searches; FIFO within."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.compression import _Scheduler
+
+    gate, ran = threading.Event(), []
+
+    def fit(method: str, lr: float, seed: int, p, pre) -> str:
+        if method == "blocker":
+            gate.wait(10)
+        if method == "broken":
+            raise RuntimeError("diverged")
+        ran.append((method, lr))
+        return f"{method}:{lr}"
+
+    p = _params()
+    with ThreadPoolExecutor(1) as threads:
+        pool = _Scheduler(threads, 1)
+        first = pool.submit(fit, "blocker", 1.0, 0, p, None)  # holds the only worker
+        asked = [
+            pool.submit(fit, "bp_real", 1.0, 0, p, None),
+            pool.submit(fit, "bp_real", 2.0, 1, p, None, later=True),
+            pool.submit(fit, "monarch", 1.0, 0, p, None),
+            pool.submit(fit, "dense_to_monarch", 1.0, 0, p, None),
+            pool.submit(fit, "dense", 1.0, 0, p, None),
+            pool.submit(fit, "dense", 2.0, 0, p, None),
+        ]
+        assert pool.submit(fit, "dense", 1.0, 0, p, None) is asked[4]  # trained once
+        broken = pool.submit(fit, "broken", 1.0, 0, p, None)
+        gate.set()
+        assert first.result() == "blocker:1.0" and asked[4].result() == "dense:1.0"
+        assert all(f.result() for f in asked)
+        with pytest.raises(RuntimeError, match="diverged"):
+            broken.result()
+    assert ran == [
+        ("blocker", 1.0), ("dense", 1.0), ("dense", 2.0), ("dense_to_monarch", 1.0), ("bp_real", 2.0),
+        ("bp_real", 1.0), ("monarch", 1.0),
+    ]  # fmt: skip
+
+    gate.clear()
+    with ThreadPoolExecutor(1) as threads:
+        pool = _Scheduler(threads, 1)
+        pool.submit(fit, "blocker", 1.0, 0, p, None)
+        waiting = pool.submit(fit, "dense", 3.0, 0, p, None)
+        pool.cancel()  # a failed run: the waiting runs never start
+        gate.set()
+    assert waiting.cancelled() and ("dense", 3.0) not in ran
