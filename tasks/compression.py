@@ -659,16 +659,16 @@ class _Scheduler:
         for _, out, call in starts:
             try:
                 run = self.pool.submit(*call)
-            except BaseException as e:  # the processes were shut down: a failed run
+            except RuntimeError as e:  # the processes were shut down (or broke): a failed run
                 self._end(out, e)
             else:
                 run.add_done_callback(lambda run, out=out: self._end(out, run))
 
-    def _end(self, out: Future, run: Future | BaseException) -> None:
+    def _end(self, out: Future, run: Future | RuntimeError) -> None:
         """A run ended (or could not start): hand its outcome on, start the next."""
         with self.lock:
             self.free += 1
-        if isinstance(run, BaseException):
+        if isinstance(run, RuntimeError):
             out.set_exception(run)
         elif run.cancelled():
             out.cancel()
