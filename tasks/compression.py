@@ -27,7 +27,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import (
     Executor,
     Future,
@@ -405,6 +405,30 @@ def _fresh_net(method: str, seed: int) -> HiddenNet:
     return HiddenNet(make_layer(method, N_FEATURES, torch.Generator().manual_seed(seed)))
 
 
+def step_seconds(method: str, f: Features, p: CompressParams, steps: int = 3) -> float:
+    """Wall time of one training step of `method` (forward, backward, Adam) at p.batch_size
+    with p.threads threads: the median of `steps` after one warm-up. A projected method's
+    step is its fine-tune's. train_all's scheduler starts the costlier methods first."""
+    layer = PROJECTED.get(method, method)
+    net = HiddenNet(make_layer(layer, N_FEATURES, torch.Generator().manual_seed(0)))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+    x, y = f.x_train[: p.batch_size], f.y_train[: p.batch_size]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(p.threads)
+    times = []
+    try:
+        for _ in range(steps + 1):
+            t0 = time.perf_counter()
+            loss = nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times[1:])
+
+
 def _fit(
     method: str,
     f: Features,
@@ -623,37 +647,63 @@ def _pool(f: Features, p: CompressParams, workers: int) -> ProcessPoolExecutor:
 
 class _Scheduler:
     """train_all's shared pool: at most `workers` runs in the processes at once; the waiting ones
-    start by rank, then in the order asked. Rank: dense (its runs are the projected methods'
-    dense phases), the projected methods (their fine-tunes are long), then the later phase of
-    any method (extensions and seeds, which end its chain), then the searches. A run asked
-    twice (dense's own run and a projection's dense phase) is trained once."""
+    start by rank, then the costlier method first (`cost`: seconds per training step), then in
+    the order asked. Rank: dense (its runs are the projected methods' dense phases), the
+    projected methods (their fine-tunes are long), then the later phase of any method
+    (extensions and seeds, which end its chain), then the searches. Costly chains start first
+    so that the slowest method is not the tail. A run asked twice (dense's own run and a
+    projection's dense phase) is trained once.
 
-    def __init__(self, pool: Executor, workers: int) -> None:
-        self.pool, self.free = pool, workers
-        self.waiting: list[tuple[tuple[int, int], Future, tuple]] = []  # a heap
+    `members`: the submitting threads to wait for (each in `member()`) before the first start,
+    so that the first runs are the best-ranked, not whichever thread asked first.
+    """
+
+    def __init__(
+        self, pool: Executor, workers: int, cost: dict[str, float] | None = None, members: int = 0
+    ) -> None:
+        self.pool, self.free, self.cost = pool, workers, cost or {}
+        self.waiting: list[tuple[tuple[int, float, int], Future, tuple]] = []  # a heap
         self.asked: dict[tuple[str, float, int], Future] = {}
         self.lock = threading.Lock()
         self.order = itertools.count()
+        self.absent = members  # members that have neither asked for a run nor ended
+        self.local = threading.local()
+
+    @contextlib.contextmanager
+    def member(self) -> Iterator[None]:
+        """A submitting thread: the pool waits for its first run (or its end) before starting."""
+        self.local.absent = True
+        try:
+            yield
+        finally:
+            self._arrive()
+            self._start()
+
+    def _arrive(self) -> None:
+        if getattr(self.local, "absent", False):
+            self.local.absent = False
+            with self.lock:
+                self.absent -= 1
 
     def submit(
         self, fn: Callable[..., Fitted], method: str, lr: float, seed: int,
         p: CompressParams, pre: Trained | None, later: bool = False,
     ) -> Future:  # fmt: skip
         rank = 0 if method == "dense" else 1 if method in PROJECTED else 2 if later else 3
+        key = (rank, -self.cost.get(method, 0.0), next(self.order))
         with self.lock:
-            if (method, lr, seed) in self.asked:
-                return self.asked[(method, lr, seed)]
-            out: Future = Future()
-            self.asked[(method, lr, seed)] = out
-            call = (fn, method, lr, seed, p, pre)
-            heapq.heappush(self.waiting, ((rank, next(self.order)), out, call))
+            out = self.asked.get((method, lr, seed))
+            if out is None:
+                out = self.asked[(method, lr, seed)] = Future()
+                heapq.heappush(self.waiting, (key, out, (fn, method, lr, seed, p, pre)))
+        self._arrive()
         self._start()
         return out
 
     def _start(self) -> None:
         with self.lock:
             starts = []
-            while self.free and self.waiting:
+            while self.free and self.waiting and self.absent <= 0:
                 self.free -= 1
                 starts.append(heapq.heappop(self.waiting))
         for _, out, call in starts:
@@ -681,7 +731,7 @@ class _Scheduler:
     def cancel(self) -> None:
         """Drop the waiting runs (a failed run fails the call)."""
         with self.lock:
-            waiting, self.waiting = self.waiting, []
+            waiting, self.waiting, self.absent = self.waiting, [], 0
         for _, out, _ in waiting:
             out.cancel()
 
@@ -820,15 +870,19 @@ def train_all(
     torch.set_num_threads(p.threads)
     f = make_features(arrays, p)
     log(f"[compress] features {f.counts()}, {len(p.methods)} methods, {p.workers} worker(s)")
+    cost = {m: step_seconds(m, f, p) for m in p.methods}
+    log("[compress] training step (ms), the costliest first: " + ", ".join(
+        f"{m} {1e3 * cost[m]:.1f}" for m in sorted(cost, key=cost.get, reverse=True)))  # fmt: skip
     total = _Progress("all methods", sum(planned_runs(m, p) for m in p.methods), log)
     chosen: dict[str, float] = {}
 
     def one(method: str) -> None:
         progress = _Progress(method, planned_runs(method, p), log, parent=total)
-        chosen[method] = _search(method, f, p, log, kept, progress, pool)[0]
+        with pool.member():
+            chosen[method] = _search(method, f, p, log, kept, progress, pool)[0]
 
     with _pool(f, p, p.workers) as processes, ThreadPoolExecutor(len(p.methods)) as threads:
-        pool = _Scheduler(processes, p.workers)
+        pool = _Scheduler(processes, p.workers, cost, members=len(p.methods))
         try:
             for fut in [threads.submit(one, m) for m in p.methods]:
                 fut.result()  # a failed run fails the call ...
@@ -842,4 +896,5 @@ def train_all(
         "runs": total.done,
         "runs_reused": total.reused,
         "workers": p.workers,
+        "step_ms": {m: round(1e3 * cost[m], 3) for m in p.methods},
     }

@@ -366,10 +366,13 @@ def test_train_all_fills_one_pool_and_the_methods_then_find_their_runs(tmp_path,
         _same_records(alone, loaded)
     again = train_all(arrays, p, said.append, kept)
     assert (again["runs"], again["runs_reused"]) == (9, 9) and again["lr"] == summary["lr"]
+    assert set(summary["step_ms"]) == set(methods) and min(summary["step_ms"].values()) > 0
+    assert any(m.startswith("[compress] training step (ms), the costliest first") for m in said)
 
 
 def test_scheduler_starts_runs_by_rank_and_trains_a_run_asked_twice_once() -> None:
-    """compress-train's order: dense, the projections, later phases, then searches; FIFO within."""
+    """compress-train's order: dense, the projections, later phases, then searches; within a
+    rank the costlier method first, then FIFO."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tasks.compression import _Scheduler
@@ -386,27 +389,41 @@ def test_scheduler_starts_runs_by_rank_and_trains_a_run_asked_twice_once() -> No
 
     p = _params()
     with ThreadPoolExecutor(1) as threads:
-        pool = _Scheduler(threads, 1)
+        pool = _Scheduler(threads, 1, cost={"monarch": 0.05, "bp_real": 0.01})
         first = pool.submit(fit, "blocker", 1.0, 0, p, None)  # holds the only worker
         asked = [
             pool.submit(fit, "bp_real", 1.0, 0, p, None),
+            pool.submit(fit, "bp_real", 3.0, 0, p, None),
             pool.submit(fit, "bp_real", 2.0, 1, p, None, later=True),
             pool.submit(fit, "monarch", 1.0, 0, p, None),
             pool.submit(fit, "dense_to_monarch", 1.0, 0, p, None),
             pool.submit(fit, "dense", 1.0, 0, p, None),
             pool.submit(fit, "dense", 2.0, 0, p, None),
         ]
-        assert pool.submit(fit, "dense", 1.0, 0, p, None) is asked[4]  # trained once
+        assert pool.submit(fit, "dense", 1.0, 0, p, None) is asked[5]  # trained once
         broken = pool.submit(fit, "broken", 1.0, 0, p, None)
         gate.set()
-        assert first.result() == "blocker:1.0" and asked[4].result() == "dense:1.0"
+        assert first.result() == "blocker:1.0" and asked[5].result() == "dense:1.0"
         assert all(f.result() for f in asked)
         with pytest.raises(RuntimeError, match="diverged"):
             broken.result()
     assert ran == [
         ("blocker", 1.0), ("dense", 1.0), ("dense", 2.0), ("dense_to_monarch", 1.0),
-        ("bp_real", 2.0), ("bp_real", 1.0), ("monarch", 1.0),
+        ("bp_real", 2.0), ("monarch", 1.0), ("bp_real", 1.0), ("bp_real", 3.0),
     ]  # fmt: skip
+
+    ran.clear()  # members: nothing starts before every member has asked (or ended)
+    with ThreadPoolExecutor(1) as threads:
+        pool = _Scheduler(threads, 1, members=3)
+        with pool.member():
+            search = pool.submit(fit, "bp_real", 1.0, 0, p, None)
+        with pool.member():
+            pass  # a member whose runs were all kept
+        assert len(pool.waiting) == 1 and not search.done()
+        with pool.member():
+            dense = pool.submit(fit, "dense", 1.0, 0, p, None)  # asked last, starts first
+        assert search.result() and dense.result()
+    assert ran == [("dense", 1.0), ("bp_real", 1.0)]
 
     gate.clear()
     with ThreadPoolExecutor(1) as threads:
