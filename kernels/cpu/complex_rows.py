@@ -8,11 +8,11 @@ the tiled kernels' idle lanes (a tile holds 64 bytes of rows) and their transpos
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 
 from kernels.cpu.compiled import library
-from kernels.cpu.tiled import _parts
 
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
@@ -31,7 +31,11 @@ def pack_complex(twiddle: torch.Tensor) -> torch.Tensor:
 
 
 class ComplexRowPlan:
-    """y = B x with B complex (tied or untied, any nblocks), forward only, one row at a time."""
+    """y = B x with B complex (tied or untied, any nblocks), forward only, one row at a time.
+
+    Kept lean like CPUButterfly.run: the argument array and the scratch rows are made once and
+    a call fills in only x's and y's pointers, strides and the batch (under a lock: ctypes
+    releases the GIL during the call and two threads must not share the scratch)."""
 
     def __init__(self, twiddle: torch.Tensor, increasing: bool = True):
         from kernels.cpu import twiddle_geometry
@@ -42,22 +46,35 @@ class ComplexRowPlan:
         self.tied, self.nblocks, self.n, _ = twiddle_geometry(twiddle)
         self.dtype, self.increasing = twiddle.dtype, increasing
         self._real = _REAL[twiddle.dtype]
+        self._itemsize = torch.empty((), dtype=self._real).element_size()
         self._packed = pack_complex(twiddle)
+        self._scratch = torch.empty(2 * self.n, dtype=self._real)
         self._fn = lib.crow[self._real]
+        self._args = (ctypes.c_int64 * 15)(
+            0, 0, 0, 0, 0, 0, 0, 0, 0, self.n, self._packed.data_ptr(),
+            self.nblocks, self.tied, self.increasing, self._scratch.data_ptr(),
+        )  # fmt: skip
+        self._lock = threading.Lock()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.n or not x.is_cpu:
-            raise ValueError(f"x must be a CPU tensor (batch, {self.n}), got {tuple(x.shape)}")
-        if x.dtype not in (self.dtype, self._real):
-            raise ValueError(f"x must be {self.dtype} or {self._real}, got {x.dtype}")
-        x = x.resolve_conj().resolve_neg()
-        y = torch.empty(x.shape[0], self.n, dtype=self.dtype)
-        scratch = torch.empty(2 * self.n, dtype=self._real)
-        xr, xi, xs0, xs1 = _parts(x)
-        yr, yi, ys0, ys1 = _parts(y)
-        args = (ctypes.c_int64 * 15)(
-            xr, xi, xs0, xs1, yr, yi, ys0, ys1, x.shape[0], self.n, self._packed.data_ptr(),
-            self.nblocks, self.tied, self.increasing, scratch.data_ptr(),
-        )  # fmt: skip
-        self._fn(args)
+        shape, dtype = x.shape, x.dtype
+        if len(shape) != 2 or shape[1] != self.n or not x.is_cpu:
+            raise ValueError(f"x must be a CPU tensor (batch, {self.n}), got {tuple(shape)}")
+        if dtype is not self.dtype and dtype is not self._real:
+            raise ValueError(f"x must be {self.dtype} or {self._real}, got {dtype}")
+        if x.is_conj() or x.is_neg():
+            x = x.resolve_conj().resolve_neg()
+        batch, n, size = shape[0], self.n, self._itemsize
+        y = x.new_empty(batch, n, dtype=self.dtype)
+        xp, (s0, s1), yp = x.data_ptr(), x.stride(), y.data_ptr()
+        # strides in real units: a complex tensor's real view doubles them
+        k = 2 if dtype is self.dtype else 1
+        args, lock = self._args, self._lock
+        lock.acquire()
+        try:
+            args[0], args[1], args[2], args[3] = xp, xp + size if k == 2 else 0, k * s0, k * s1
+            args[4], args[5], args[6], args[7], args[8] = yp, yp + size, 2 * n, 2, batch
+            self._fn(args)
+        finally:
+            lock.release()
         return y

@@ -237,7 +237,8 @@ def test_without_a_compiler_training_uses_the_reference(
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=["c64", "c128"])
 def test_complex_row_loop_matches_the_oracle(dtype: torch.dtype, gen: torch.Generator) -> None:
     """The complex row loop (inference at small batch): every tying, stride order, nblocks,
-    real or complex strided input, against the wide oracle."""
+    real or complex strided input, against the wide oracle; one plan called again with another
+    batch and a conjugated view (its argument array is reused)."""
     real = tiled._REAL[dtype]
     for n in (2, 4, 8, 16, 32, 512):
         for tied in (False, True):
@@ -257,6 +258,11 @@ def test_complex_row_loop_matches_the_oracle(dtype: torch.dtype, gen: torch.Gene
                         assert err <= 4 * ref_err + (1e-6 if dtype == torch.complex64 else 1e-13), (
                             f"{what}: {err:.3g} vs {ref_err:.3g}"
                         )
+                    plan, xc = ComplexRowPlan(tw, inc), random_x(2, n, dtype, gen, 1)
+                    plan(x)
+                    again = plan(xc.conj()[:1])
+                    want = butterfly_multiply_reference(tw, xc.conj().resolve_conj()[:1], inc)
+                    assert again.shape == (1, n) and rel(again, want) <= 1e-5, n
 
 
 @pytest.mark.parametrize("impl", ["c", "torch"])
