@@ -407,25 +407,19 @@ def _fresh_net(method: str, seed: int) -> HiddenNet:
 
 def step_seconds(method: str, f: Features, p: CompressParams, steps: int = 3) -> float:
     """Wall time of one training step of `method` (forward, backward, Adam) at p.batch_size
-    with p.threads threads: the median of `steps` after one warm-up. A projected method's
+    with the caller's threads: the median of `steps` after one warm-up. A projected method's
     step is its fine-tune's. train_all's scheduler starts the costlier methods first."""
-    layer = PROJECTED.get(method, method)
-    net = HiddenNet(make_layer(layer, N_FEATURES, torch.Generator().manual_seed(0)))
+    net = _fresh_net(PROJECTED.get(method, method), 0)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
     x, y = f.x_train[: p.batch_size], f.y_train[: p.batch_size]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(p.threads)
     times = []
-    try:
-        for _ in range(steps + 1):
-            t0 = time.perf_counter()
-            loss = nn.functional.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
 
